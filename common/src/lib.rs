@@ -1,0 +1,260 @@
+//! Types shared by reclaimd's eBPF programs and its daemon.
+//!
+//! Everything here is `repr(C)` and plain old data: the kernel writes it, user space reads it
+//! back from the ring buffer byte for byte. Any change to a layout is a change to both sides,
+//! which is why the two sides share this one definition.
+#![no_std]
+
+/// Length of `task_struct.comm`, NUL included.
+pub const COMM_LEN: usize = 16;
+
+/// Names of the maps and globals, so the loader and the programs cannot drift apart.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const DROPS: &str = "DROPS";
+    pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
+    pub const SOCKS: &str = "SOCKS";
+    /// A global (`.rodata`), not a map.
+    pub const OFFSETS: &str = "OFFSETS";
+}
+
+/// What an [`Event`] reports; the discriminant travels as `Event::kind`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new process (thread-group leader) was created.
+    Fork = 1,
+    /// The last thread of a process exited: the process is dead.
+    Exit = 2,
+    /// A socket on a watched local port changed TCP state.
+    Tcp = 3,
+    /// The process owning a watched socket became known (accept, send, recv).
+    Owner = 4,
+}
+
+impl EventKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Fork),
+            2 => Some(Self::Exit),
+            3 => Some(Self::Tcp),
+            4 => Some(Self::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// How the owner of a socket was learned (`Event::detail` for `Owner` events).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// `accept`/`accept4` returned the socket to this process.
+    Accept = 1,
+    /// The process sent or received on the socket.
+    Io = 2,
+}
+
+impl OwnerSource {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Accept),
+            2 => Some(Self::Io),
+            _ => None,
+        }
+    }
+}
+
+/// One kernel event. A single fixed layout for every kind keeps the ring-buffer reader
+/// trivial; fields a kind does not use are zero.
+///
+/// * `Fork`: `pid`/`tgid` the child, `ppid` the parent process, `comm` the parent's command.
+/// * `Exit`: `pid` the last exiting thread, `tgid` the process, `exit_code` the raw wait
+///   status (`code << 8`, or the signal number), `comm` the command.
+/// * `Tcp`: `sock` the kernel socket (stable session key), ports and addresses local (`s*`)
+///   and remote (`d*`), `old_state`/`new_state` TCP states, `owner_tgid` the owning process
+///   when known (0 otherwise), `comm` the owner's command when known.
+/// * `Owner`: `sock`, ports and addresses as for `Tcp`, `owner_tgid` the new owner,
+///   `detail` an [`OwnerSource`], `exit_code` the accepted fd for `Accept`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC in nanoseconds.
+    pub ts_ns: u64,
+    pub sock: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub ppid: u32,
+    pub owner_tgid: u32,
+    pub exit_code: i32,
+    pub sport: u16,
+    pub dport: u16,
+    pub kind: u8,
+    /// `AF_INET` (2) or `AF_INET6` (10) for socket events.
+    pub family: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub detail: u8,
+    pub _pad: [u8; 11],
+    /// IPv4 addresses use the first four bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            sock: 0,
+            pid: 0,
+            tgid: 0,
+            ppid: 0,
+            owner_tgid: 0,
+            exit_code: 0,
+            sport: 0,
+            dport: 0,
+            kind: 0,
+            family: 0,
+            old_state: 0,
+            new_state: 0,
+            detail: 0,
+            _pad: [0; 11],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; COMM_LEN],
+        }
+    }
+}
+
+/// What the programs remember about a watched socket, keyed by the `struct sock` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockInfo {
+    pub owner_tgid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub state: u8,
+    pub _pad: [u8; 6],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub owner_comm: [u8; COMM_LEN],
+}
+
+impl SockInfo {
+    pub const fn zeroed() -> Self {
+        Self {
+            owner_tgid: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            state: 0,
+            _pad: [0; 6],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            owner_comm: [0; COMM_LEN],
+        }
+    }
+}
+
+/// Kernel structure offsets the programs need, read by user space from the kernel's BTF
+/// (`/sys/kernel/btf/vmlinux`) and written into the programs' read-only global `OFFSETS`
+/// before they load, so the verifier sees constants and the programs stay portable across
+/// kernel builds without CO-RE.
+///
+/// `valid` is 0 unless user space filled the global; the programs then report what they can
+/// without reading kernel memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub valid: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_exit_code: u32,
+    pub task_real_parent: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// Offset of `group_dead` in the `sched_process_exit` record; 0 when the kernel's record
+    /// has no such field (then only leader exits count as process deaths).
+    pub exit_group_dead: u32,
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// The kernel's name for a state, as `ss` and tcplife print it.
+    pub const fn name(state: u8) -> &'static str {
+        match state {
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW_SYN_RECV",
+            _ => "UNKNOWN",
+        }
+    }
+
+    /// States entered only through the owning process's own syscalls, so the current task
+    /// in the tracepoint is the owner (connect, listen, close/shutdown).
+    pub const fn entered_by_owner(state: u8) -> bool {
+        matches!(state, SYN_SENT | LISTEN | FIN_WAIT1 | LAST_ACK)
+    }
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+impl KernelOffsets {
+    pub const fn zeroed() -> Self {
+        Self {
+            valid: 0,
+            task_pid: 0,
+            task_tgid: 0,
+            task_exit_code: 0,
+            task_real_parent: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdtable_max_fds: 0,
+            fdtable_fd: 0,
+            file_private_data: 0,
+            socket_sk: 0,
+            exit_group_dead: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain repr(C) structs of integers and byte arrays with no implicit padding.
+    unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+// Layouts are ABI between kernel and user space: catch accidental changes at compile time.
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);

@@ -1,0 +1,8 @@
+//! reclaimd: gets back GPU memory left behind by dead sessions.
+//!
+//! See DESIGN.md for the architecture; data moves one way, kernel → probe → model →
+//! reconcile → reclaim → ledger/telemetry.
+pub mod clock;
+pub mod event;
+pub mod probe;
+pub mod trace;

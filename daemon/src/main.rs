@@ -1,0 +1,94 @@
+//! The `reclaimd` binary: command line, logging, and exit codes. The work is in the library.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use reclaimd::{
+    probe::{DEFAULT_BTF_PATH, DEFAULT_RING_BYTES, ProbeOptions},
+    trace::{self, TraceOptions},
+};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Gets back GPU memory left behind by dead sessions.
+///
+/// reclaimd watches the kernel (eBPF tracepoints) for sessions that die, joins that with who
+/// holds GPU memory, and reclaims what is orphaned. It needs root (or CAP_BPF + CAP_PERFMON)
+/// and a kernel with BTF (Linux >= 5.8, CONFIG_DEBUG_INFO_BTF=y).
+///
+/// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=reclaimd=debug) for more.
+#[derive(Debug, Parser)]
+#[command(name = "reclaimd", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream the kernel events reclaimd sees, one per line, until interrupted.
+    ///
+    /// Process forks and exits (whole processes only, never threads) and TCP state changes
+    /// of sockets on the given local ports, with the process that owns each socket. Use it to
+    /// check that the kernel side works on a host, or to watch a service's sessions.
+    ///
+    /// Example: sudo reclaimd trace --json --port 8000
+    Trace {
+        /// One JSON object per line (kind, ts_ns, recv_ns, pid, tgid, comm, and per kind:
+        /// ppid; exit_code/signal; saddr, sport, daddr, dport, old_state, new_state,
+        /// owner_tgid). The first line is {"kind":"ready"} once the programs are attached.
+        #[arg(long)]
+        json: bool,
+
+        /// Report TCP sockets whose local port is PORT (repeat for more). Without it, no TCP
+        /// events are reported: the kernel filters everything else out.
+        #[arg(long = "port", value_name = "PORT")]
+        ports: Vec<u16>,
+
+        /// Size of the kernel-to-daemon ring buffer, a power of two in bytes. Raise it if
+        /// events are lost under bursts.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES)]
+        ring_bytes: u32,
+
+        /// The kernel's BTF (type information), used to find kernel structure offsets.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_BTF_PATH)]
+        btf: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // try_init also routes the `log` records of aya and aya-log into tracing.
+    let _ = tracing_subscriber::registry()
+        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Trace {
+            json,
+            ports,
+            ring_bytes,
+            btf,
+        } => {
+            let opts = TraceOptions {
+                probe: ProbeOptions {
+                    watched_ports: ports,
+                    ring_bytes,
+                    btf_path: btf,
+                },
+                json,
+            };
+            runtime.block_on(trace::run(opts))?;
+        }
+    }
+    Ok(())
+}

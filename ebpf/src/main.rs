@@ -1,0 +1,372 @@
+//! reclaimd's kernel side: process lineage and deaths, and the TCP lifecycle of sockets on
+//! watched ports, filtered in the kernel and sent to user space through one ring buffer.
+//!
+//! Only tracepoints are used (classic and raw): kprobes and fentry are not available on every
+//! host reclaimd runs on. Kernel structure offsets come from user space (see
+//! `reclaimd_common::KernelOffsets`), so no CO-RE is needed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use aya_log_ebpf::debug;
+use reclaimd_common::{
+    AF_INET, AF_INET6, COMM_LEN, Event, EventKind, IPPROTO_TCP, KernelOffsets, OwnerSource,
+    SockInfo, tcp_state,
+};
+
+/// Default size; user space may resize it before load (`EbpfLoader::map_max_entries`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Events that could not be reserved in `EVENTS`, per CPU.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Local ports whose sockets are reported. Filled by user space; empty means no TCP events.
+#[map]
+static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Watched sockets by `struct sock` address. LRU so that a socket whose CLOSE transition
+/// was never seen cannot fill the map for ever.
+#[map]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a global the loader may overwrite before load; volatile stops the compiler from
+    // folding in the zeroed initial value.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel faults safely on bad addresses.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()) }.map_err(i64::from)
+}
+
+#[inline(always)]
+fn count_drop() {
+    if let Some(p) = DROPS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        count_drop();
+    }
+}
+
+#[inline(always)]
+fn current_comm() -> [u8; COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+}
+
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    (pid_tgid as u32, (pid_tgid >> 32) as u32)
+}
+
+// ---- processes ---------------------------------------------------------------------------
+
+/// `sched_process_fork` as a raw tracepoint: the classic record carries thread ids only, the
+/// raw one the two `task_struct`s, so threads can be told from processes here in the kernel.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let off = offsets();
+    if off.valid == 0 {
+        return Ok(());
+    }
+    let child: *const u8 = ctx.arg(1);
+    let pid: u32 = read(child, off.task_pid)?;
+    let tgid: u32 = read(child, off.task_tgid)?;
+    if pid != tgid {
+        return Ok(()); // a new thread, not a new process
+    }
+    let ppid = match read::<*const u8>(child, off.task_real_parent) {
+        Ok(parent) => read::<u32>(parent, off.task_tgid).unwrap_or(0),
+        Err(_) => {
+            debug!(ctx, "fork {}: real_parent unreadable", pid);
+            0
+        }
+    };
+    let mut ev = Event::zeroed();
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::Fork as u8;
+    ev.pid = pid;
+    ev.tgid = tgid;
+    ev.ppid = ppid;
+    ev.comm = current_comm();
+    emit(&ev);
+    Ok(())
+}
+
+/// Offset of `group_dead` in older records has no field; see `KernelOffsets::exit_group_dead`.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx);
+    0
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let (pid, tgid) = current_ids();
+    let off = offsets();
+    if off.exit_group_dead != 0 {
+        // SAFETY: offset taken from this kernel's tracepoint format.
+        let group_dead: u8 = unsafe { ctx.read_at(off.exit_group_dead as usize) }?;
+        if group_dead == 0 {
+            return Ok(()); // other threads of the process live on
+        }
+    } else if pid != tgid {
+        return Ok(());
+    }
+    let exit_code = if off.valid != 0 {
+        // SAFETY: the current task is alive for the whole tracepoint.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        read::<i32>(task, off.task_exit_code).unwrap_or(0)
+    } else {
+        0
+    };
+    let mut ev = Event::zeroed();
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::Exit as u8;
+    ev.pid = pid;
+    ev.tgid = tgid;
+    ev.exit_code = exit_code;
+    ev.comm = current_comm();
+    emit(&ev);
+    Ok(())
+}
+
+// ---- TCP ---------------------------------------------------------------------------------
+
+/// Field offsets in the `sock/inet_sock_set_state` record, stable since Linux 4.16; user space
+/// checks them against the running kernel's format file before loading.
+mod set_state {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    use set_state::*;
+    // SAFETY (all read_at below): offsets checked against this kernel's format by user space.
+    let protocol: u16 = unsafe { ctx.read_at(PROTOCOL) }?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sport: u16 = unsafe { ctx.read_at(SPORT) }?;
+    // SAFETY: value is a plain u8, read-only here.
+    if unsafe { WATCHED_PORTS.get(sport) }.is_none() {
+        return Ok(());
+    }
+    let sk: u64 = unsafe { ctx.read_at(SKADDR) }?;
+    let old_state: i32 = unsafe { ctx.read_at(OLDSTATE) }?;
+    let new_state: i32 = unsafe { ctx.read_at(NEWSTATE) }?;
+    let dport: u16 = unsafe { ctx.read_at(DPORT) }?;
+    let family: u16 = unsafe { ctx.read_at(FAMILY) }?;
+
+    let mut ev = Event::zeroed();
+    if family == AF_INET as u16 {
+        let s: [u8; 4] = unsafe { ctx.read_at(SADDR) }?;
+        let d: [u8; 4] = unsafe { ctx.read_at(DADDR) }?;
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 as u16 {
+        ev.saddr = unsafe { ctx.read_at(SADDR_V6) }?;
+        ev.daddr = unsafe { ctx.read_at(DADDR_V6) }?;
+    } else {
+        return Ok(());
+    }
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::Tcp as u8;
+    ev.sock = sk;
+    ev.sport = sport;
+    ev.dport = dport;
+    ev.family = family as u8;
+    ev.old_state = old_state as u8;
+    ev.new_state = new_state as u8;
+
+    // SAFETY: the value is copied out at once.
+    let mut info = match unsafe { SOCKS.get(sk) } {
+        Some(known) => *known,
+        None => SockInfo::zeroed(),
+    };
+    // Packet-driven transitions run in softirq (or, on loopback, in the peer's context), so
+    // the current task is the owner only for states its own syscalls enter.
+    if tcp_state::entered_by_owner(ev.new_state) {
+        let (_, tgid) = current_ids();
+        if info.owner_tgid != tgid {
+            info.owner_tgid = tgid;
+            info.owner_comm = current_comm();
+        }
+    }
+    info.sport = sport;
+    info.dport = dport;
+    info.family = ev.family;
+    info.state = ev.new_state;
+    info.saddr = ev.saddr;
+    info.daddr = ev.daddr;
+    ev.owner_tgid = info.owner_tgid;
+    ev.pid = info.owner_tgid;
+    ev.tgid = info.owner_tgid;
+    ev.comm = info.owner_comm;
+    if ev.new_state == tcp_state::CLOSE {
+        let _ = SOCKS.remove(sk);
+    } else {
+        let _ = SOCKS.insert(sk, info, 0);
+    }
+    emit(&ev);
+    Ok(())
+}
+
+/// Records `tgid` as the owner of a watched socket and reports the change.
+#[inline(always)]
+fn set_owner(sk: u64, source: OwnerSource, fd: i32) {
+    let Some(info) = SOCKS.get_ptr_mut(sk) else {
+        return; // not a watched socket
+    };
+    let (pid, tgid) = current_ids();
+    // SAFETY: map value pointer valid for this program run; races with another CPU only
+    // overwrite the owner with another real owner.
+    let info = unsafe { &mut *info };
+    if info.owner_tgid == tgid {
+        return;
+    }
+    info.owner_tgid = tgid;
+    info.owner_comm = current_comm();
+    let mut ev = Event::zeroed();
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::Owner as u8;
+    ev.detail = source as u8;
+    ev.sock = sk;
+    ev.pid = pid;
+    ev.tgid = tgid;
+    ev.owner_tgid = tgid;
+    ev.exit_code = fd;
+    ev.sport = info.sport;
+    ev.dport = info.dport;
+    ev.family = info.family;
+    ev.old_state = info.state;
+    ev.new_state = info.state;
+    ev.saddr = info.saddr;
+    ev.daddr = info.daddr;
+    ev.comm = info.owner_comm;
+    emit(&ev);
+}
+
+/// `accept` returned fd `ret` to the current process: find its `struct sock` through the fd
+/// table (task → files → fdt → fd[ret] → file → socket → sk). This is the one moment the
+/// accepting process is known for a socket that is never read or written.
+fn try_accept_exit<C: EbpfContext>(ctx: &C, ret: i64) -> Result<(), i64> {
+    if ret < 0 {
+        return Ok(());
+    }
+    let off = offsets();
+    if off.valid == 0 {
+        return Ok(());
+    }
+    let fd = ret as u32;
+    // SAFETY: the current task is alive for the whole tracepoint.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files: *const u8 = read(task, off.task_files)?;
+    let fdt: *const u8 = read(files, off.files_fdt)?;
+    let max_fds: u32 = read(fdt, off.fdtable_max_fds)?;
+    if fd >= max_fds {
+        debug!(ctx, "accept fd {} beyond max_fds {}", fd, max_fds);
+        return Ok(());
+    }
+    let fd_array: *const u8 = read(fdt, off.fdtable_fd)?;
+    let file: *const u8 = read(fd_array, fd.wrapping_mul(8))?;
+    let socket: *const u8 = read(file, off.file_private_data)?;
+    let sk: u64 = read(socket, off.socket_sk)?;
+    set_owner(sk, OwnerSource::Accept, fd as i32);
+    Ok(())
+}
+
+/// Offset of `ret` in the `syscalls/sys_exit_*` records.
+const SYS_EXIT_RET: usize = 16;
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    // SAFETY: fixed layout of syscall exit records.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
+        let _ = try_accept_exit(&ctx, ret);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    // SAFETY: fixed layout of syscall exit records.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
+        let _ = try_accept_exit(&ctx, ret);
+    }
+    0
+}
+
+/// Offset of `sk` in the `sock/sock_{send,recv}_length` records.
+const SOCK_LENGTH_SK: usize = 8;
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset checked against this kernel's format by user space.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK) } {
+        set_owner(sk, OwnerSource::Io, -1);
+    }
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset checked against this kernel's format by user space.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK) } {
+        set_owner(sk, OwnerSource::Io, -1);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,405 @@
+//! The eBPF programs, loaded into this kernel by `reclaimd trace`, report what real
+//! processes and sockets do. Root only; one test at a time.
+use std::{
+    collections::HashSet,
+    io::Read,
+    net::{TcpListener, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use reclaimd_tests::{Tracer, Workload, percentile, reclaimd_bin, u64_of};
+use serde_json::Value;
+
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
+const WAIT: Duration = Duration::from_secs(10);
+
+fn is(v: &Value, kind: &str) -> bool {
+    v["kind"] == kind
+}
+
+#[test]
+fn exit_carries_tgid_and_code_and_fork_the_parent() {
+    let mut tracer = Tracer::start(&[]);
+    let w = Workload::spawn(WORKLOAD, &["exit", "7"]);
+    let pid = w.pid();
+    let (_, status) = w.finish();
+    assert_eq!(status.code(), Some(7));
+
+    let exit = tracer.expect("exit", WAIT, |v| is(v, "exit") && v["tgid"] == pid);
+    assert_eq!(exit["exit_code"], 7);
+    assert_eq!(exit["signal"], Value::Null);
+    assert_eq!(exit["pid"], pid);
+    assert_eq!(exit["comm"], "workload");
+    assert!(u64_of(&exit, "recv_ns") >= u64_of(&exit, "ts_ns"));
+
+    let fork = tracer.expect("fork", WAIT, |v| is(v, "fork") && v["pid"] == pid);
+    assert_eq!(
+        fork["ppid"],
+        std::process::id(),
+        "parent is this test process"
+    );
+    assert_eq!(fork["tgid"], pid);
+    assert!(u64_of(&fork, "ts_ns") < u64_of(&exit, "ts_ns"));
+    tracer.stop_with(libc::SIGINT);
+}
+
+#[test]
+fn death_by_signal_reports_the_signal() {
+    let mut tracer = Tracer::start(&[]);
+    let w = Workload::spawn(WORKLOAD, &["serve", "127.0.0.1:0", "peer"]);
+    w.line("listening");
+    let pid = w.pid();
+    // SAFETY: our own child, not yet reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = w.finish();
+    let exit = tracer.expect("exit", WAIT, |v| is(v, "exit") && v["tgid"] == pid);
+    assert_eq!(exit["signal"], 9);
+    assert_eq!(exit["exit_code"], Value::Null);
+    tracer.stop();
+}
+
+#[test]
+fn threads_are_filtered_in_the_kernel() {
+    let mut tracer = Tracer::start(&[]);
+    let w = Workload::spawn(WORKLOAD, &["threads", "8"]);
+    let pid = w.pid();
+    let last: u64 = w.line("last").parse().unwrap();
+    let tids: HashSet<u64> = (0..8).map(|_| w.line("thread").parse().unwrap()).collect();
+    let (_, status) = w.finish();
+    assert!(status.success());
+
+    // The leader exits first; the process dies with its last thread.
+    let exit = tracer.expect("exit", WAIT, |v| is(v, "exit") && v["tgid"] == pid);
+    assert_eq!(
+        exit["pid"], last,
+        "reported by the last thread, not the leader"
+    );
+    assert_eq!(exit["exit_code"], 0);
+    tracer.settle(Duration::from_millis(300));
+    let ours = |v: &&Value| {
+        let p = v["pid"].as_u64().unwrap_or(0);
+        tids.contains(&p) || p == last || v["tgid"] == pid
+    };
+    let exits: Vec<_> = tracer
+        .seen
+        .iter()
+        .filter(ours)
+        .filter(|v| is(v, "exit"))
+        .collect();
+    assert_eq!(
+        exits.len(),
+        1,
+        "one exit for the process, none per thread: {exits:?}"
+    );
+    let forks: Vec<_> = tracer
+        .seen
+        .iter()
+        .filter(|v| is(v, "fork"))
+        .filter(ours)
+        .collect();
+    assert!(
+        forks.iter().all(|f| f["pid"] == pid),
+        "thread creation is not a fork: {forks:?}"
+    );
+    tracer.stop();
+}
+
+fn free_port(v6: bool) -> u16 {
+    let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Who closes the connection first.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Closer {
+    Client,
+    Server,
+}
+
+/// One connection to a server on a watched port; returns the server's pid, the client's
+/// port and the tracer, which has seen the connection's last transition to CLOSE.
+fn tcp_session(v6: bool, closer: Closer) -> (u32, u16, u16, Tracer) {
+    let port = free_port(v6);
+    let mut tracer = Tracer::start(&["--port", &port.to_string()]);
+    let host = if v6 { "[::1]" } else { "127.0.0.1" };
+    let addr = format!("{host}:{port}");
+    let who = if closer == Closer::Client {
+        "peer"
+    } else {
+        "self"
+    };
+    let w = Workload::spawn(WORKLOAD, &["serve", &addr, who]);
+    w.line("listening");
+    let mut client = TcpStream::connect(&addr).unwrap();
+    let cport = client.local_addr().unwrap().port();
+    w.line("accepted");
+    match closer {
+        Closer::Client => drop(client),
+        Closer::Server => {
+            w.line("closed");
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest);
+            drop(client);
+        }
+    }
+    let server = w.pid();
+    tracer.expect("server socket CLOSE", WAIT, |v| {
+        is(v, "tcp") && v["sport"] == port && v["dport"] == cport && v["new_state"] == "CLOSE"
+    });
+    let _ = w.finish();
+    (server, port, cport, tracer)
+}
+
+fn states(events: &[Value], port: u16, cport: u16) -> Vec<(String, String, u64)> {
+    events
+        .iter()
+        .filter(|v| is(v, "tcp") && v["sport"] == port && v["dport"] == cport)
+        .map(|v| {
+            (
+                v["old_state"].as_str().unwrap().to_owned(),
+                v["new_state"].as_str().unwrap().to_owned(),
+                u64_of(v, "owner_tgid"),
+            )
+        })
+        .collect()
+}
+
+fn check_session(v6: bool, closer: Closer) {
+    let (server, port, cport, tracer) = tcp_session(v6, closer);
+    let trace = tracer.stop();
+    let local = if v6 { "::1" } else { "127.0.0.1" };
+
+    let listen = trace
+        .events
+        .iter()
+        .find(|v| is(v, "tcp") && v["sport"] == port && v["new_state"] == "LISTEN")
+        .expect("LISTEN transition");
+    assert_eq!(listen["owner_tgid"], server, "listen() runs in the server");
+
+    let accept = trace
+        .events
+        .iter()
+        .find(|v| is(v, "owner") && v["sport"] == port && v["dport"] == cport)
+        .expect("owner learned at accept");
+    assert_eq!(accept["source"], "accept");
+    assert_eq!(accept["owner_tgid"], server);
+    assert_eq!(accept["saddr"], local);
+    assert_eq!(accept["daddr"], local);
+    assert!(accept["fd"].as_i64().unwrap() >= 0);
+
+    let seen = states(&trace.events, port, cport);
+    let s = |o: &str, n: &str| seen.iter().find(|(a, b, _)| a == o && b == n);
+    assert!(s("SYN_RECV", "ESTABLISHED").is_some(), "{seen:?}");
+    let closing: Vec<_> = match closer {
+        Closer::Client => vec![("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK")],
+        Closer::Server => vec![("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2")],
+    };
+    for (o, n) in closing {
+        let t = s(o, n).unwrap_or_else(|| panic!("{o} -> {n} missing in {seen:?}"));
+        assert_eq!(
+            t.2, server as u64,
+            "{o} -> {n} carries the accepting process"
+        );
+    }
+    assert_eq!(seen.last().map(|t| t.1.as_str()), Some("CLOSE"), "{seen:?}");
+
+    // The client's own socket has an unwatched local port: filtered in the kernel.
+    assert!(
+        !trace
+            .events
+            .iter()
+            .any(|v| is(v, "tcp") && v["sport"] == cport),
+        "client side reported"
+    );
+}
+
+#[test]
+fn tcp_v4_client_closes() {
+    check_session(false, Closer::Client);
+}
+
+#[test]
+fn tcp_v4_server_closes() {
+    check_session(false, Closer::Server);
+}
+
+#[test]
+fn tcp_v6_client_closes() {
+    check_session(true, Closer::Client);
+}
+
+#[test]
+fn tcp_v6_server_closes() {
+    check_session(true, Closer::Server);
+}
+
+#[test]
+fn unwatched_port_produces_no_event() {
+    let watched = free_port(false);
+    let unwatched = free_port(false);
+    assert_ne!(watched, unwatched);
+    let mut tracer = Tracer::start(&["--port", &watched.to_string()]);
+    for port in [unwatched, watched] {
+        let addr = format!("127.0.0.1:{port}");
+        let w = Workload::spawn(WORKLOAD, &["serve", &addr, "peer"]);
+        w.line("listening");
+        let client = TcpStream::connect(&addr).unwrap();
+        w.line("accepted");
+        drop(client);
+        w.line("closed");
+        let _ = w.finish();
+    }
+    // The watched session proves the tracer was looking all along.
+    tracer.expect("watched LISTEN", WAIT, |v| {
+        is(v, "tcp") && v["sport"] == watched && v["new_state"] == "LISTEN"
+    });
+    tracer.settle(Duration::from_millis(300));
+    let leaked: Vec<_> = tracer
+        .seen
+        .iter()
+        .filter(|v| (is(v, "tcp") || is(v, "owner")) && v["sport"] == unwatched)
+        .collect();
+    assert!(leaked.is_empty(), "unwatched port reported: {leaked:?}");
+    tracer.stop();
+}
+
+/// Runs `workload flood n` and returns its children's pids.
+fn flood(n: usize) -> HashSet<u64> {
+    let w = Workload::spawn(WORKLOAD, &["flood", &n.to_string()]);
+    let (lines, status) = w.finish();
+    assert!(status.success());
+    let pids: HashSet<u64> = lines.iter().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(pids.len(), n);
+    pids
+}
+
+fn exits_of(events: &[Value], pids: &HashSet<u64>) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|v| is(v, "exit") && pids.contains(&v["tgid"].as_u64().unwrap_or(0)))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn flood_of_20k_processes_is_received_or_counted() {
+    const N: usize = 20_000;
+    let mut tracer = Tracer::start(&[]);
+    let pids = flood(N);
+    tracer.settle(Duration::from_secs(1));
+    let trace = tracer.stop();
+    let exits = exits_of(&trace.events, &pids);
+    let dropped = u64_of(&trace.summary, "dropped");
+    let missing = (N - exits.len()) as u64;
+    assert!(
+        missing <= dropped,
+        "{missing} exits missing but only {dropped} drops counted"
+    );
+    if dropped == 0 {
+        assert_eq!(exits.len(), N, "no drop counted, so every exit arrives");
+    }
+    let unique: HashSet<u64> = exits.iter().map(|v| u64_of(v, "tgid")).collect();
+    assert_eq!(unique.len(), exits.len(), "each process exits once");
+
+    let mut lat: Vec<u64> = exits
+        .iter()
+        .map(|v| u64_of(v, "recv_ns") - u64_of(v, "ts_ns"))
+        .collect();
+    lat.sort_unstable();
+    eprintln!(
+        "flood: {} of {N} exits received, {dropped} dropped; kernel -> user space latency \
+         median {:.3} ms, p99 {:.3} ms",
+        exits.len(),
+        percentile(&lat, 50.0) as f64 / 1e6,
+        percentile(&lat, 99.0) as f64 / 1e6,
+    );
+}
+
+#[test]
+fn full_ring_drops_are_counted() {
+    let mut tracer = Tracer::start(&["--ring-bytes", "4096"]);
+    // A stopped reader cannot drain the one-page ring: the kernel must count what it loses.
+    // SAFETY: our own child.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    let pids = flood(2_000);
+    // SAFETY: our own child.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    tracer.settle(Duration::from_secs(1));
+    let trace = tracer.stop();
+    let exits = exits_of(&trace.events, &pids);
+    let dropped = u64_of(&trace.summary, "dropped");
+    let missing = (pids.len() - exits.len()) as u64;
+    assert!(missing > 0, "a one-page ring cannot hold 4000 events");
+    assert!(
+        missing <= dropped,
+        "{missing} exits missing but only {dropped} drops counted"
+    );
+    let lost: u64 = trace
+        .events
+        .iter()
+        .filter(|v| is(v, "lost"))
+        .map(|v| u64_of(v, "count"))
+        .sum();
+    assert!(
+        lost > 0 && lost <= dropped,
+        "lost lines {lost}, dropped {dropped}"
+    );
+}
+
+/// Runs `reclaimd trace` expecting it to refuse; returns its stderr.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run reclaimd");
+    assert!(!out.status.success(), "reclaimd should have refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn without_root_the_error_says_so() {
+    // A copy anyone can execute, wherever the checkout lives.
+    let dir = std::env::temp_dir().join(format!("reclaimd-noroot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("reclaimd");
+    std::fs::copy(reclaimd_bin(), &bin).unwrap();
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = refused(
+        Command::new(&bin)
+            .args(["trace", "--json"])
+            .uid(65534)
+            .gid(65534),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("needs root"), "{err}");
+    assert!(err.contains("sudo"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn without_btf_the_error_says_so() {
+    let err =
+        refused(Command::new(reclaimd_bin()).args(["trace", "--btf", "/nonexistent/vmlinux"]));
+    assert!(
+        err.contains("BTF was not found at /nonexistent/vmlinux"),
+        "{err}"
+    );
+    assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+
+    let junk = std::env::temp_dir().join(format!("reclaimd-junk-btf-{}", std::process::id()));
+    std::fs::write(&junk, b"this is not BTF").unwrap();
+    let err = refused(
+        Command::new(reclaimd_bin())
+            .arg("trace")
+            .arg("--btf")
+            .arg(&junk),
+    );
+    let _ = std::fs::remove_file(&junk);
+    assert!(err.contains("malformed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_ring_size_is_refused() {
+    let err = refused(Command::new(reclaimd_bin()).args(["trace", "--ring-bytes", "5000"]));
+    assert!(err.contains("power of two"), "{err}");
+}

@@ -1,0 +1,380 @@
+//! `cargo xtask`: set-up, build, run and test reclaimd, from a fresh machine on.
+//!
+//! Everything a test or build needs that cargo does not fetch by itself (toolchain
+//! components, bpf-linker, Debian packages) is installed by `setup`, which every other
+//! command runs first, and which is a fast no-op once all is there.
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run and test reclaimd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: rust-src, clippy, rustfmt, bpf-linker 0.13 linked
+    /// against this toolchain's LLVM, and the Debian packages the build and tests use.
+    Setup,
+    /// Build the eBPF programs and the daemon (setup first).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `reclaimd` as root (through sudo when not root). Without ARGS it runs
+    /// `reclaimd trace`, which streams the kernel events it sees.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for reclaimd, after `--`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, lint (rustfmt, clippy), build, then every test: unit tests and the root-only
+    /// kernel integration tests, which load the real programs into this kernel.
+    Test {
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// rustfmt check and clippy with warnings denied, the eBPF crate included.
+    Lint,
+}
+
+/// Debian packages the build and tests need (a C toolchain for linking and for -sys crates).
+const DEBIAN_PACKAGES: &[&str] = &["gcc", "libc6-dev"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Setup => setup(&root),
+        Cmd::Build { release } => {
+            setup(&root)?;
+            build(release)
+        }
+        Cmd::Run { release, args } => {
+            setup(&root)?;
+            build(release)?;
+            run(&root, release, args)
+        }
+        Cmd::Test { no_lint } => {
+            setup(&root)?;
+            if !no_lint {
+                lint(&root)?;
+            }
+            build(false)?;
+            test()
+        }
+        Cmd::Lint => {
+            setup(&root)?;
+            lint(&root)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// Runs `cmd`, failing with its command line when it fails.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `cmd` as root: as is when root, else through `sudo -E`.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(program);
+        c
+    }
+}
+
+// ---- setup -------------------------------------------------------------------------------
+
+fn setup(root: &Path) -> Result<()> {
+    rust_components()?;
+    bpf_linker(root)?;
+    debian_packages()?;
+    Ok(())
+}
+
+fn rust_components() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    let missing: Vec<&str> = ["rust-src", "clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if !missing.is_empty() {
+        step(&format!("rustup component add {}", missing.join(" ")));
+        run_cmd(
+            Command::new("rustup")
+                .args(["component", "add"])
+                .args(&missing),
+        )?;
+    }
+    Ok(())
+}
+
+fn sysroot() -> Result<PathBuf> {
+    Ok(PathBuf::from(
+        output(Command::new("rustc").args(["--print", "sysroot"]))?.trim(),
+    ))
+}
+
+/// bpf-linker must use the LLVM of the toolchain that emits the bitcode; no Debian package
+/// has LLVM 22, so it links against the toolchain's own libLLVM.
+fn bpf_linker(root: &Path) -> Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if works {
+        return Ok(());
+    }
+    let sysroot = sysroot()?;
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))?;
+    let prefix = root.join("target/xtask/llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    step(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against {}",
+        llvm.display()
+    ));
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", &prefix)
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+            )
+            // Outside the workspace, so its config and lockfile play no part.
+            .current_dir(std::env::temp_dir()),
+    )
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("apt-get install {}", missing.join(" ")));
+    let apt = Path::new("apt-get");
+    run_cmd(as_root(apt).arg("update").arg("-q"))?;
+    run_cmd(
+        as_root(apt)
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+// ---- build, run, lint, test ----------------------------------------------------------------
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the default members: the daemon (whose build script builds the eBPF programs)
+/// and the test workloads.
+fn build(release: bool) -> Result<()> {
+    step("cargo build");
+    let mut c = cargo();
+    c.arg("build");
+    if release {
+        c.arg("--release");
+    }
+    run_cmd(&mut c)
+}
+
+fn run(root: &Path, release: bool, args: Vec<OsString>) -> Result<()> {
+    let profile = if release { "release" } else { "debug" };
+    let bin = root.join("target").join(profile).join("reclaimd");
+    let args = if args.is_empty() {
+        vec![OsString::from("trace")]
+    } else {
+        args
+    };
+    run_cmd(as_root(&bin).args(args))
+}
+
+fn lint(root: &Path) -> Result<()> {
+    step("cargo fmt --check");
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy");
+    run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate only builds for the bpf target; for the host it is checked with the
+    // panic strategy it has there, in a target dir of its own so flags do not collide.
+    step("cargo clippy (eBPF crate)");
+    run_cmd(
+        cargo()
+            .args(["clippy", "-p", "reclaimd-ebpf", "--", "-D", "warnings"])
+            .env("RUSTFLAGS", "-C panic=abort")
+            .env("CARGO_TARGET_DIR", root.join("target/clippy-ebpf")),
+    )
+}
+
+/// Every test of the default members. The kernel tests share the kernel's state, so one
+/// test thread; they need root, so a non-root user runs the test binaries through sudo.
+/// Ends with one line totalling every test binary's result.
+fn test() -> Result<()> {
+    step("cargo test");
+    let mut c = cargo();
+    c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
+    if !is_root() {
+        let host = output(Command::new("rustc").arg("-vV"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+            .context("rustc -vV has no host line")?;
+        let var = format!(
+            "CARGO_TARGET_{}_RUNNER",
+            host.to_uppercase().replace('-', "_")
+        );
+        c.env(var, "sudo -E");
+    }
+    c.stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("cannot start {c:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    println!("xtask: {} passed, {} failed", totals.passed, totals.failed);
+    if !status.success() || totals.failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+impl Totals {
+    /// Adds a libtest closing line: `test result: ok. 10 passed; 0 failed; 0 ignored; ...`.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn totals_sum_libtest_closing_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 10 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add("test result: FAILED. 12 passed; 1 failed; 0 ignored; 0 measured");
+        t.add("test foo ... ok");
+        t.add("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 22,
+                failed: 1
+            }
+        );
+    }
+}
