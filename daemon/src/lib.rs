@@ -4,5 +4,8 @@
 //! reconcile → reclaim → ledger/telemetry.
 pub mod clock;
 pub mod event;
+pub mod gpu;
+pub mod human;
+pub mod inventory_cmd;
 pub mod probe;
 pub mod trace;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use reclaimd::{
+    gpu::{DEFAULT_DEVICE_GLOB, GpuOptions},
+    inventory_cmd,
     probe::{DEFAULT_BTF_PATH, DEFAULT_RING_BYTES, ProbeOptions},
     trace::{self, TraceOptions},
 };
@@ -53,6 +55,27 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_BTF_PATH)]
         btf: PathBuf,
     },
+
+    /// Print one GPU inventory: devices, and every process that holds GPU memory (NVML) or
+    /// a GPU device file (procfs), with what reclaimd concludes about it.
+    ///
+    /// Status `live`: alive and holding a device file. `not-in-proc`: NVML lists the pid but
+    /// /proc does not show it (another pid namespace, or gone). `no-device-fd`: NVML lists
+    /// it but it holds no device file, so the number may be another process by now. Only
+    /// `live` holders are ever acted on.
+    Inventory {
+        /// The snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+
+        /// The NVML library to load (default: the system's libnvidia-ml.so.1).
+        #[arg(long, value_name = "PATH")]
+        nvml_library: Option<PathBuf>,
+
+        /// Open files matching this glob are GPU device handles.
+        #[arg(long, value_name = "GLOB", default_value = DEFAULT_DEVICE_GLOB)]
+        device_glob: String,
+    },
 }
 
 fn init_logging() {
@@ -89,6 +112,17 @@ fn main() -> anyhow::Result<()> {
             };
             runtime.block_on(trace::run(opts))?;
         }
+        Command::Inventory {
+            json,
+            nvml_library,
+            device_glob,
+        } => inventory_cmd::run(
+            &GpuOptions {
+                nvml_library,
+                device_glob,
+            },
+            json,
+        )?,
     }
     Ok(())
 }

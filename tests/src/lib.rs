@@ -13,24 +13,114 @@ use std::{
 
 use serde_json::Value;
 
-/// The daemon binary under test: `RECLAIMD_BIN`, else the one beside this test's target dir.
-pub fn reclaimd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("RECLAIMD_BIN") {
+/// A file built into this test's target dir (`target/<profile>/NAME`), or `env` when set.
+fn built(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/reclaimd
-    let bin = exe
+    // target/<profile>/deps/<test> → target/<profile>/NAME
+    let path = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("reclaimd"))
+        .map(|dir| dir.join(name))
         .expect("target dir");
     assert!(
-        bin.exists(),
-        "{} not built: run `cargo xtask test` (or `cargo build -p reclaimd` first)",
-        bin.display()
+        path.exists(),
+        "{} not built: run `cargo xtask test` (or `cargo build` first)",
+        path.display()
     );
-    bin
+    path
+}
+
+/// The daemon binary under test: `RECLAIMD_BIN`, else the one beside this test's target dir.
+pub fn reclaimd_bin() -> PathBuf {
+    built("RECLAIMD_BIN", "reclaimd")
+}
+
+/// The fake NVML library as cargo built it: `FAKE_NVML_LIB`, else beside the test.
+pub fn fake_nvml_lib() -> PathBuf {
+    built("FAKE_NVML_LIB", "libnvidia_ml.so")
+}
+
+/// The workload binary: `WORKLOAD_BIN` when set (test binaries carried to another machine),
+/// else where cargo built it (`env!("CARGO_BIN_EXE_workload")` of the calling test).
+pub fn workload_bin(built_at: &str) -> String {
+    std::env::var("WORKLOAD_BIN").unwrap_or_else(|_| built_at.to_owned())
+}
+
+/// Whether an NVIDIA driver is loaded on this machine.
+pub fn nvidia_driver_present() -> bool {
+    std::path::Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// A directory of a test's own under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "reclaimd-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private copy of the fake NVML library with its state file beside it, so tests in one
+/// process never share state; and fake device files `nvidia<N>` in the same directory.
+pub struct FakeGpu {
+    pub dir: TempDir,
+    pub lib: PathBuf,
+}
+
+impl FakeGpu {
+    pub fn new(state: &str) -> Self {
+        let dir = TempDir::new("fake-gpu");
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        std::fs::copy(fake_nvml_lib(), &lib).expect("copy fake NVML");
+        let gpu = Self { dir, lib };
+        gpu.set_state(state);
+        gpu
+    }
+
+    /// Replaces the state atomically (write, then rename), as the library re-reads it on
+    /// every call.
+    pub fn set_state(&self, state: &str) {
+        let tmp = self.dir.path().join("state.tmp");
+        std::fs::write(&tmp, state).expect("write state");
+        let mut target = self.lib.clone().into_os_string();
+        target.push(".state");
+        std::fs::rename(&tmp, target).expect("rename state");
+    }
+
+    /// Creates (if needed) and returns the fake device file `nvidia<minor>`.
+    pub fn device_file(&self, minor: u32) -> PathBuf {
+        let p = self.dir.path().join(format!("nvidia{minor}"));
+        if !p.exists() {
+            std::fs::write(&p, b"").expect("create device file");
+        }
+        p
+    }
+
+    pub fn device_glob(&self) -> String {
+        format!("{}/nvidia*", self.dir.path().display())
+    }
 }
 
 /// Lines of a child's stdout, read on a thread so the child never blocks on a full pipe.
@@ -234,6 +324,26 @@ impl Workload {
         }
         let status = self.child.wait().expect("wait for workload");
         (self.lines.iter().collect(), status)
+    }
+}
+
+/// Snapshots until `pred` holds (NVML retries back off), failing after `limit`.
+pub fn snapshot_until(
+    inv: &mut reclaimd::gpu::GpuInventory,
+    limit: Duration,
+    pred: impl Fn(&reclaimd::gpu::Inventory) -> bool,
+) -> reclaimd::gpu::Inventory {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = inv.snapshot();
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met; last snapshot {s:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

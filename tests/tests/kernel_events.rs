@@ -11,7 +11,10 @@ use std::{
 use reclaimd_tests::{Tracer, Workload, percentile, reclaimd_bin, u64_of};
 use serde_json::Value;
 
-const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
+fn workload() -> String {
+    reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn is(v: &Value, kind: &str) -> bool {
@@ -21,7 +24,7 @@ fn is(v: &Value, kind: &str) -> bool {
 #[test]
 fn exit_carries_tgid_and_code_and_fork_the_parent() {
     let mut tracer = Tracer::start(&[]);
-    let w = Workload::spawn(WORKLOAD, &["exit", "7"]);
+    let w = Workload::spawn(&workload(), &["exit", "7"]);
     let pid = w.pid();
     let (_, status) = w.finish();
     assert_eq!(status.code(), Some(7));
@@ -47,7 +50,7 @@ fn exit_carries_tgid_and_code_and_fork_the_parent() {
 #[test]
 fn death_by_signal_reports_the_signal() {
     let mut tracer = Tracer::start(&[]);
-    let w = Workload::spawn(WORKLOAD, &["serve", "127.0.0.1:0", "peer"]);
+    let w = Workload::spawn(&workload(), &["serve", "127.0.0.1:0", "peer"]);
     w.line("listening");
     let pid = w.pid();
     // SAFETY: our own child, not yet reaped.
@@ -62,7 +65,7 @@ fn death_by_signal_reports_the_signal() {
 #[test]
 fn threads_are_filtered_in_the_kernel() {
     let mut tracer = Tracer::start(&[]);
-    let w = Workload::spawn(WORKLOAD, &["threads", "8"]);
+    let w = Workload::spawn(&workload(), &["threads", "8"]);
     let pid = w.pid();
     let last: u64 = w.line("last").parse().unwrap();
     let tids: HashSet<u64> = (0..8).map(|_| w.line("thread").parse().unwrap()).collect();
@@ -129,7 +132,7 @@ fn tcp_session(v6: bool, closer: Closer) -> (u32, u16, u16, Tracer) {
     } else {
         "self"
     };
-    let w = Workload::spawn(WORKLOAD, &["serve", &addr, who]);
+    let w = Workload::spawn(&workload(), &["serve", &addr, who]);
     w.line("listening");
     let mut client = TcpStream::connect(&addr).unwrap();
     let cport = client.local_addr().unwrap().port();
@@ -242,7 +245,7 @@ fn unwatched_port_produces_no_event() {
     let mut tracer = Tracer::start(&["--port", &watched.to_string()]);
     for port in [unwatched, watched] {
         let addr = format!("127.0.0.1:{port}");
-        let w = Workload::spawn(WORKLOAD, &["serve", &addr, "peer"]);
+        let w = Workload::spawn(&workload(), &["serve", &addr, "peer"]);
         w.line("listening");
         let client = TcpStream::connect(&addr).unwrap();
         w.line("accepted");
@@ -266,7 +269,7 @@ fn unwatched_port_produces_no_event() {
 
 /// Runs `workload flood n` and returns its children's pids.
 fn flood(n: usize) -> HashSet<u64> {
-    let w = Workload::spawn(WORKLOAD, &["flood", &n.to_string()]);
+    let w = Workload::spawn(&workload(), &["flood", &n.to_string()]);
     let (lines, status) = w.finish();
     assert!(status.success());
     let pids: HashSet<u64> = lines.iter().map(|l| l.parse().unwrap()).collect();

@@ -61,11 +61,11 @@ fn main() -> Result<()> {
         Cmd::Setup => setup(&root),
         Cmd::Build { release } => {
             setup(&root)?;
-            build(release)
+            build(&root, release)
         }
         Cmd::Run { release, args } => {
             setup(&root)?;
-            build(release)?;
+            build(&root, release)?;
             run(&root, release, args)
         }
         Cmd::Test { no_lint } => {
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
             if !no_lint {
                 lint(&root)?;
             }
-            build(false)?;
+            build(&root, false)?;
             test()
         }
         Cmd::Lint => {
@@ -254,16 +254,24 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Builds the default members: the daemon (whose build script builds the eBPF programs)
-/// and the test workloads.
-fn build(release: bool) -> Result<()> {
+/// Builds the default members: the daemon (whose build script builds the eBPF programs),
+/// the test workloads and the fake NVML library, which is then put where a driver's would
+/// be named: target/fake-nvml/libnvidia-ml.so.1.
+fn build(root: &Path, release: bool) -> Result<()> {
     step("cargo build");
     let mut c = cargo();
     c.arg("build");
     if release {
         c.arg("--release");
     }
-    run_cmd(&mut c)
+    run_cmd(&mut c)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = root.join("target").join(profile).join("libnvidia_ml.so");
+    let dir = root.join("target/fake-nvml");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&built, dir.join("libnvidia-ml.so.1"))
+        .with_context(|| format!("copying {}", built.display()))?;
+    Ok(())
 }
 
 fn run(root: &Path, release: bool, args: Vec<OsString>) -> Result<()> {
@@ -300,6 +308,11 @@ fn test() -> Result<()> {
     step("cargo test");
     let mut c = cargo();
     c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
+    // The real-driver GPU tests are ignored unless this machine has an NVIDIA driver.
+    if Path::new("/proc/driver/nvidia/version").exists() {
+        step("NVIDIA driver found: including the real-driver GPU tests");
+        c.arg("--include-ignored");
+    }
     if !is_root() {
         let host = output(Command::new("rustc").arg("-vV"))?
             .lines()

@@ -12,6 +12,50 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+fn wait_for_stdin() {
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+/// Just enough of the CUDA driver API to hold device memory, loaded at run time so the
+/// workload builds and runs where there is no driver.
+mod cuda {
+    use std::ffi::{CStr, c_int, c_void};
+
+    type CuInit = unsafe extern "C" fn(u32) -> c_int;
+    type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
+    type CuCtxCreate = unsafe extern "C" fn(*mut *mut c_void, u32, c_int) -> c_int;
+    type CuMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
+
+    unsafe fn sym<T>(lib: *mut c_void, name: &CStr) -> T {
+        // SAFETY: caller names a symbol of type T.
+        let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+        assert!(!p.is_null(), "libcuda has no {name:?}");
+        // SAFETY: a function pointer of the named symbol's type.
+        unsafe { std::mem::transmute_copy(&p) }
+    }
+
+    /// Allocates `bytes` on GPU 0; the context and memory live until the process exits.
+    pub fn hold(bytes: usize) {
+        // SAFETY: dlopen/dlsym with valid strings; the CUDA calls follow the driver API.
+        unsafe {
+            let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW);
+            assert!(!lib.is_null(), "cannot load libcuda.so.1");
+            let init: CuInit = sym(lib, c"cuInit");
+            let device_get: CuDeviceGet = sym(lib, c"cuDeviceGet");
+            let ctx_create: CuCtxCreate = sym(lib, c"cuCtxCreate_v2");
+            let mem_alloc: CuMemAlloc = sym(lib, c"cuMemAlloc_v2");
+            assert_eq!(init(0), 0, "cuInit");
+            let mut dev = 0;
+            assert_eq!(device_get(&mut dev, 0), 0, "cuDeviceGet");
+            let mut ctx = std::ptr::null_mut();
+            assert_eq!(ctx_create(&mut ctx, 0, dev), 0, "cuCtxCreate");
+            let mut ptr = 0u64;
+            assert_eq!(mem_alloc(&mut ptr, bytes), 0, "cuMemAlloc");
+        }
+    }
+}
+
 fn arg(args: &[String], i: usize, what: &str) -> String {
     args.get(i)
         .cloned()
@@ -98,6 +142,41 @@ fn main() {
             // Stay until told, so the exit does not race the close in the test's view.
             let mut line = String::new();
             let _ = std::io::stdin().read_line(&mut line);
+        }
+        // hold PATH...: open each file (a GPU device file, in tests a file of their own) and
+        // keep it open until stdin closes.
+        "hold" => {
+            let files: Vec<std::fs::File> = args[2..]
+                .iter()
+                .map(|p| std::fs::File::open(p).unwrap_or_else(|e| panic!("open {p}: {e}")))
+                .collect();
+            say(&format!("holding {}", files.len()));
+            wait_for_stdin();
+        }
+        // hold-fork PATH: open the file, fork a child that inherits it and keeps it open
+        // until stdin closes, then exit: the creator dies, its child holds the handle.
+        "hold-fork" => {
+            let path = arg(&args, 2, "path");
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: single-threaded; the child only reads stdin and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    wait_for_stdin();
+                    drop(file);
+                    // SAFETY: end the child without running the parent's exit handlers.
+                    unsafe { libc::_exit(0) };
+                }
+                child if child > 0 => say(&format!("child {child}")),
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+        }
+        // cuda-hold MIB: allocate MIB of GPU memory through the CUDA driver API (libcuda,
+        // shipped with the driver) and keep it until stdin closes.
+        "cuda-hold" => {
+            let mib: usize = arg(&args, 2, "MiB").parse().expect("MiB");
+            cuda::hold(mib << 20);
+            say(&format!("holding {mib}"));
+            wait_for_stdin();
         }
         other => panic!("unknown subcommand {other}"),
     }

@@ -1,0 +1,141 @@
+//! The GPU inventory: who holds GPU memory (NVML) and GPU device handles (procfs), joined
+//! per pid into one snapshot.
+//!
+//! A pid that NVML lists is only a number: it is trusted as a holder only while /proc shows
+//! that process holding a device fd (invariant 7), since the driver frees memory on the last
+//! close of the device file, not when its creator dies.
+pub mod inventory;
+mod nvml;
+pub mod procfs;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+pub use self::{
+    inventory::{
+        Device, DeviceFd, GpuMemory, Holder, HolderStatus, Inventory, NvmlStatus, ProcessKind,
+    },
+    nvml::{NvmlSource, ProcessEntry, Report},
+    procfs::{DeviceFiles, ProcStat, in_host_pid_namespace},
+};
+
+pub const DEFAULT_DEVICE_GLOB: &str = "/dev/nvidia*";
+
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    /// `libnvidia-ml.so.1` to load; `None` for the system's.
+    pub nvml_library: Option<PathBuf>,
+    /// Open files matching this are GPU device handles.
+    pub device_glob: String,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self {
+            nvml_library: None,
+            device_glob: DEFAULT_DEVICE_GLOB.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("[gpu] device_glob {glob:?} is not a valid glob: {source}")]
+    Glob {
+        glob: String,
+        #[source]
+        source: glob::PatternError,
+    },
+}
+
+/// Takes inventory snapshots. Blocking (NVML calls and a /proc walk): run it off the async
+/// executor.
+pub struct GpuInventory {
+    nvml: NvmlSource,
+    files: DeviceFiles,
+    own_pid: u32,
+}
+
+impl GpuInventory {
+    pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
+        let files = DeviceFiles::new(&opts.device_glob).map_err(|source| GpuError::Glob {
+            glob: opts.device_glob.clone(),
+            source,
+        })?;
+        Ok(Self {
+            nvml: NvmlSource::new(opts.nvml_library.clone()),
+            files,
+            own_pid: std::process::id(),
+        })
+    }
+
+    pub fn device_files(&self) -> &DeviceFiles {
+        &self.files
+    }
+
+    pub fn snapshot(&mut self) -> Inventory {
+        let report = self.nvml.query();
+        let fds = self.files.scan(self.own_pid);
+        join(report, fds, &self.files)
+    }
+}
+
+/// Joins NVML's view with procfs's into holders, and computes per-device attribution.
+pub fn join(
+    report: Result<Report, String>,
+    mut fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
+    files: &DeviceFiles,
+) -> Inventory {
+    let (nvml, devices, warnings) = match report {
+        Ok(r) => (
+            NvmlStatus::Available {
+                driver_version: r.driver_version,
+            },
+            r.devices,
+            r.warnings,
+        ),
+        Err(reason) => (NvmlStatus::Unavailable { reason }, Vec::new(), Vec::new()),
+    };
+
+    let mut holders: BTreeMap<u32, Holder> = BTreeMap::new();
+    let mut out_devices = Vec::with_capacity(devices.len());
+    for (mut device, procs) in devices {
+        device.attributed_bytes = procs.iter().filter_map(|p| p.bytes).sum();
+        device.unattributed_bytes = device.used_bytes.saturating_sub(device.attributed_bytes);
+        for p in procs {
+            let holder = holders
+                .entry(p.pid)
+                .or_insert_with(|| Holder::unseen(p.pid));
+            holder.memory.push(GpuMemory {
+                device_uuid: device.uuid.clone(),
+                bytes: p.bytes,
+                kind: p.kind,
+            });
+        }
+        out_devices.push(device);
+    }
+    // Processes holding device files that NVML does not list (e.g. a child that inherited
+    // the fds of its dead creator).
+    for pid in fds.keys() {
+        holders.entry(*pid).or_insert_with(|| Holder::unseen(*pid));
+    }
+    for holder in holders.values_mut() {
+        holder.fds = fds.remove(&holder.pid).unwrap_or_default();
+        let stat = ProcStat::read(files.proc_root(), holder.pid).filter(|s| !s.is_zombie());
+        holder.status = match (&stat, holder.fds.is_empty()) {
+            (None, _) => HolderStatus::NotInProc,
+            (Some(_), true) => HolderStatus::NoDeviceFd,
+            (Some(_), false) => HolderStatus::Live,
+        };
+        if let Some(s) = stat {
+            holder.comm = Some(s.comm);
+            holder.ppid = Some(s.ppid);
+            holder.start_time = Some(s.start_time);
+        }
+    }
+    Inventory {
+        nvml,
+        devices: out_devices,
+        holders,
+        warnings,
+    }
+}

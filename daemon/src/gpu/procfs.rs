@@ -1,0 +1,192 @@
+//! What /proc says about processes and the GPU device files they hold open.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use glob::{MatchOptions, Pattern};
+
+use super::inventory::DeviceFd;
+
+/// Facts from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    pub comm: String,
+    /// `R`, `S`, `D`, `Z`, …
+    pub state: char,
+    pub ppid: u32,
+    /// Clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    pub fn read(proc_root: &Path, pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+        Self::parse(&text)
+    }
+
+    /// `pid (comm) state ppid …`; comm may hold spaces and parentheses, so it ends at the
+    /// last `)`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let pid = text[..open].trim().parse().ok()?;
+        let comm = text.get(open + 1..close)?.to_owned();
+        let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+        // rest[0] is field 3 (state); field 22 (starttime) is rest[19].
+        Some(Self {
+            pid,
+            comm,
+            state: rest.first()?.chars().next()?,
+            ppid: rest.get(1)?.parse().ok()?,
+            start_time: rest.get(19)?.parse().ok()?,
+        })
+    }
+
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Matches open files against the configured device glob (`[gpu] device_glob`).
+#[derive(Debug, Clone)]
+pub struct DeviceFiles {
+    pattern: Pattern,
+    proc_root: PathBuf,
+}
+
+const MATCH: MatchOptions = MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+impl DeviceFiles {
+    pub fn new(glob: &str) -> Result<Self, glob::PatternError> {
+        Ok(Self {
+            pattern: Pattern::new(glob)?,
+            proc_root: PathBuf::from("/proc"),
+        })
+    }
+
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
+    pub fn matches(&self, path: &Path) -> bool {
+        self.pattern.matches_path_with(path, MATCH)
+    }
+
+    /// Device fds of one process; empty when it holds none or is gone.
+    pub fn of_pid(&self, pid: u32) -> Vec<DeviceFd> {
+        let dir = self.proc_root.join(pid.to_string()).join("fd");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut fds: Vec<DeviceFd> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                self.matches(&target).then(|| DeviceFd {
+                    fd,
+                    minor: minor_of(&target),
+                    path: target,
+                })
+            })
+            .collect();
+        fds.sort_by_key(|f| f.fd);
+        fds
+    }
+
+    /// Device fds of every process but `skip` (reclaimd itself, whose own NVML handle is
+    /// not a holder).
+    pub fn scan(&self, skip: u32) -> HashMap<u32, Vec<DeviceFd>> {
+        let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
+            return HashMap::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != skip)
+            .filter_map(|pid| {
+                let fds = self.of_pid(pid);
+                (!fds.is_empty()).then_some((pid, fds))
+            })
+            .collect()
+    }
+}
+
+/// `N` of a file named `nvidiaN`.
+fn minor_of(path: &Path) -> Option<u32> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("nvidia")?
+        .parse()
+        .ok()
+}
+
+/// Whether this process sees the host's pid namespace, where NVML's pids are meaningful.
+/// `None` when it cannot tell.
+pub fn in_host_pid_namespace() -> Option<bool> {
+    // The initial pid namespace has a fixed inode number (PROC_PID_INIT_INO).
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(link.to_str()? == INIT_PID_NS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "4242 (my (weird) prog) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 \
+                    1 0 987654 1000000 100 18446744073709551615";
+        let s = ProcStat::parse(line).unwrap();
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.comm, "my (weird) prog");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 17);
+        assert_eq!(s.start_time, 987654);
+        assert!(!s.is_zombie());
+        assert!(ProcStat::parse("garbage").is_none());
+        assert!(ProcStat::parse("1 (x) S").is_none());
+    }
+
+    #[test]
+    fn reads_own_stat() {
+        let me = std::process::id();
+        let s = ProcStat::read(Path::new("/proc"), me).unwrap();
+        assert_eq!(s.pid, me);
+        assert!(s.start_time > 0);
+    }
+
+    #[test]
+    fn minors_and_glob() {
+        assert_eq!(minor_of(Path::new("/dev/nvidia3")), Some(3));
+        assert_eq!(minor_of(Path::new("/dev/nvidiactl")), None);
+        assert_eq!(minor_of(Path::new("/dev/nvidia-uvm")), None);
+        let d = DeviceFiles::new("/dev/nvidia*").unwrap();
+        assert!(d.matches(Path::new("/dev/nvidia0")));
+        assert!(d.matches(Path::new("/dev/nvidiactl")));
+        assert!(!d.matches(Path::new("/dev/nvidia-caps/nvidia-cap1")));
+        assert!(!d.matches(Path::new("/dev/null")));
+    }
+
+    #[test]
+    fn finds_own_open_file() {
+        let dir = std::env::temp_dir().join(format!("reclaimd-procfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("nvidia7");
+        let file = std::fs::File::create(&path).unwrap();
+        let d = DeviceFiles::new(&format!("{}/nvidia*", dir.display())).unwrap();
+        let fds = d.of_pid(std::process::id());
+        drop(file);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(fds.len(), 1, "{fds:?}");
+        assert_eq!(fds[0].minor, Some(7));
+        assert_eq!(fds[0].path, path);
+    }
+}
