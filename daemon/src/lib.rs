@@ -3,9 +3,16 @@
 //! See DESIGN.md for the architecture; data moves one way, kernel → probe → model →
 //! reconcile → reclaim → ledger/telemetry.
 pub mod clock;
+pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod gpu;
 pub mod human;
 pub mod inventory_cmd;
+pub mod ledger;
+pub mod model;
 pub mod probe;
+pub mod reclaim;
+pub mod reconcile;
+pub mod scan;
 pub mod trace;

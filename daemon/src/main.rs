@@ -27,6 +27,26 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: watch the configured services, find the GPU memory of dead sessions,
+    /// and reclaim it (in enforce mode) or report it (the default).
+    ///
+    /// Every decision and action is recorded in the ledger ([ledger] path). An invalid
+    /// configuration is refused before anything starts, with the key and line at fault.
+    Run {
+        /// The configuration file (TOML); see README for every key.
+        #[arg(
+            long,
+            short,
+            value_name = "FILE",
+            default_value = "/etc/reclaimd/config.toml"
+        )]
+        config: PathBuf,
+
+        /// Check the configuration, print what it means, and exit.
+        #[arg(long)]
+        check: bool,
+    },
+
     /// Stream the kernel events reclaimd sees, one per line, until interrupted.
     ///
     /// Process forks and exits (whole processes only, never threads) and TCP state changes
@@ -82,7 +102,11 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // try_init also routes the `log` records of aya and aya-log into tracing.
     let _ = tracing_subscriber::registry()
-        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(filter)
         .try_init();
 }
@@ -96,6 +120,20 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
+        Command::Run { config, check } => {
+            let cfg = reclaimd::config::Config::load(&config)?;
+            if check {
+                println!(
+                    "{}: ok: mode {:?}, {} service(s), ledger {}",
+                    config.display(),
+                    cfg.policy.mode,
+                    cfg.services.len(),
+                    cfg.ledger_path.display()
+                );
+                return Ok(());
+            }
+            runtime.block_on(reclaimd::daemon::run(cfg))?;
+        }
         Command::Trace {
             json,
             ports,

@@ -317,6 +317,13 @@ impl Workload {
             .to_owned()
     }
 
+    /// Writes `line` to the workload's stdin.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to workload");
+        stdin.flush().expect("flush to workload");
+    }
+
     /// Every remaining output line, after the workload exits.
     pub fn finish(mut self) -> (Vec<String>, std::process::ExitStatus) {
         if let Some(mut stdin) = self.stdin.take() {
@@ -345,6 +352,176 @@ pub fn snapshot_until(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A running `reclaimd run` with its own config, fake GPU and ledger.
+pub struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    pub config: PathBuf,
+    pub ledger: PathBuf,
+    pub log: Vec<String>,
+}
+
+impl Daemon {
+    /// Writes a config for `gpu` (enforce/report etc. in `policy`, TOML `[policy]` lines;
+    /// `services`, TOML `[[service]]` tables) and starts the daemon on it.
+    pub fn start(gpu: &FakeGpu, policy: &str, services: &str) -> Self {
+        let dir = gpu.dir.path();
+        let config = dir.join("config.toml");
+        let ledger = dir.join("ledger.db");
+        std::fs::write(
+            &config,
+            format!(
+                "[policy]\nsweep = \"200ms\"\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
+                 device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n{services}\n",
+                gpu.lib.display(),
+                gpu.device_glob(),
+                ledger.display()
+            ),
+        )
+        .expect("write config");
+        Self::start_with(config, ledger)
+    }
+
+    /// Starts the daemon on an existing config.
+    pub fn start_with(config: PathBuf, ledger: PathBuf) -> Self {
+        let mut child = Command::new(reclaimd_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn reclaimd run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Self {
+            child,
+            lines,
+            config,
+            ledger,
+            log: Vec::new(),
+        };
+        d.wait_log("reclaimd running", Duration::from_secs(60));
+        d
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> String {
+        if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn drain_log(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM; the daemon must stop cleanly.
+    pub fn stop(mut self) -> Vec<String> {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for daemon");
+        self.drain_log();
+        assert!(
+            status.success(),
+            "daemon exit {status:?}:\n{}",
+            self.log.join("\n")
+        );
+        std::mem::take(&mut self.log)
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the ledger holds a settled record for `pid` (anything but pending).
+pub fn wait_for_record(
+    ledger: &std::path::Path,
+    pid: u32,
+    limit: Duration,
+) -> reclaimd::ledger::Record {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(l) = reclaimd::ledger::Ledger::open(ledger)
+            && let Ok(rows) = l.query(&reclaimd::ledger::Query {
+                pid: Some(pid),
+                ..Default::default()
+            })
+            && let Some(r) = rows
+                .into_iter()
+                .find(|r| r.outcome != reclaimd::ledger::Outcome::Pending)
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no settled ledger record for pid {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every ledger record.
+pub fn ledger_records(ledger: &std::path::Path) -> Vec<reclaimd::ledger::Record> {
+    reclaimd::ledger::Ledger::open(ledger)
+        .and_then(|l| {
+            l.query(&reclaimd::ledger::Query {
+                limit: Some(1000),
+                ..Default::default()
+            })
+        })
+        .expect("read ledger")
+}
+
+/// Whether `pid` is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with(['Z', 'X'])))
+        .is_some_and(|zombie| !zombie)
 }
 
 /// Percentile (0..=100) of sorted values.

@@ -10,14 +10,16 @@
 //! ```text
 //! device <index> <uuid> <total_mib> <name...>
 //! proc <device_index> <pid> <used_mib|na> compute|graphics|mps
-//! unattributed <device_index> <mib>
+//! unattributed <device_index> <mib> [while <pid>]
 //! fail <nvml function> <nvml return code>
 //! quirk <device_index> garbage_v3|no_v3
 //! ```
 //!
 //! A `proc` line is reported only while `/proc/<pid>` exists and the process is not a zombie,
 //! as the driver frees memory when a process's device files close. Device used memory is the
-//! reported processes' memory plus `unattributed`. `quirk garbage_v3` makes the `_v3` process
+//! reported processes' memory plus `unattributed` (with `while <pid>`, only while that process
+//! lives: memory a driver keeps for a holder it does not list, e.g. a child that inherited
+//! the fds of a dead creator). `quirk garbage_v3` makes the `_v3` process
 //! lists return malformed entries (as the 535.43–535.86 drivers did); `no_v3` makes them
 //! answer "function not found" (as 535.98 did); the `_v2` lists stay right. Unknown lines are
 //! reported on stderr once and otherwise ignored.
@@ -58,6 +60,8 @@ struct Device {
     name: String,
     total: u64,
     unattributed: u64,
+    /// Unattributed memory held only while the pid lives.
+    unattributed_while: Vec<(u64, u32)>,
     garbage_v3: bool,
     no_v3: bool,
 }
@@ -129,6 +133,7 @@ fn parse(text: &str) -> State {
                         name: name.join(" "),
                         total: total * MIB,
                         unattributed: 0,
+                        unattributed_while: Vec::new(),
                         garbage_v3: false,
                         no_v3: false,
                     }),
@@ -163,6 +168,19 @@ fn parse(text: &str) -> State {
                 },
                 _ => bad(),
             },
+            ["unattributed", device, mib, "while", pid] => {
+                match (
+                    device.parse::<u32>(),
+                    mib.parse::<u64>(),
+                    pid.parse::<u32>(),
+                ) {
+                    (Ok(d), Ok(m), Ok(p)) => match st.devices.iter_mut().find(|x| x.index == d) {
+                        Some(dev) => dev.unattributed_while.push((m * MIB, p)),
+                        None => bad(),
+                    },
+                    _ => bad(),
+                }
+            }
             ["fail", function, code] => match code.parse() {
                 Ok(code) => st.fails.push(((*function).to_owned(), code)),
                 Err(_) => bad(),
@@ -236,7 +254,13 @@ impl State {
             .iter()
             .filter_map(|p| p.used)
             .sum();
-        (procs + d.unattributed).min(d.total)
+        let held: u64 = d
+            .unattributed_while
+            .iter()
+            .filter(|(_, pid)| alive(*pid))
+            .map(|(m, _)| m)
+            .sum();
+        (procs + d.unattributed + held).min(d.total)
     }
 }
 

@@ -12,6 +12,12 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+fn set_comm(name: &str) {
+    let c = std::ffi::CString::new(name).expect("name");
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
+}
+
 fn wait_for_stdin() {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
@@ -153,6 +159,17 @@ fn main() {
             say(&format!("holding {}", files.len()));
             wait_for_stdin();
         }
+        // hold-release PATH: open PATH, and close it (staying alive) at the first stdin line;
+        // prints "released" then, and exits at stdin EOF.
+        "hold-release" => {
+            let path = arg(&args, 2, "path");
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            say("holding 1");
+            wait_for_stdin();
+            drop(file);
+            say("released");
+            wait_for_stdin();
+        }
         // hold-fork PATH: open the file, fork a child that inherits it and keeps it open
         // until stdin closes, then exit: the creator dies, its child holds the handle.
         "hold-fork" => {
@@ -168,6 +185,75 @@ fn main() {
                 }
                 child if child > 0 => say(&format!("child {child}")),
                 _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+        }
+        // server NAME DEVICE [ignore-term]: a service process named NAME (its comm) that
+        // forks a worker (comm "gpu-worker") holding DEVICE open; prints the worker's pid.
+        // Both stay until stdin closes; the worker ignores SIGTERM if asked.
+        "server" => {
+            let name = arg(&args, 2, "name");
+            let device = arg(&args, 3, "device");
+            let ignore_term = args.iter().any(|a| a == "ignore-term");
+            // inherit: the server opens the device and the worker only inherits the fd.
+            let inherited = args.iter().any(|a| a == "inherit").then(|| {
+                std::fs::File::open(&device).unwrap_or_else(|e| panic!("open {device}: {e}"))
+            });
+            set_comm(&name);
+            // SAFETY: single-threaded; the child only opens a file, sets signals and waits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    set_comm("gpu-worker");
+                    if ignore_term {
+                        // SAFETY: ignoring a signal is always sound.
+                        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                    }
+                    let _file = match inherited {
+                        Some(f) => f,
+                        None => std::fs::File::open(&device)
+                            .unwrap_or_else(|e| panic!("open {device}: {e}")),
+                    };
+                    // Said by the worker once it holds the device, so the line means ready.
+                    say(&format!("worker {}", std::process::id()));
+                    wait_for_stdin();
+                    // SAFETY: end the child without the parent's exit handlers.
+                    unsafe { libc::_exit(0) };
+                }
+                child if child > 0 => {}
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+            wait_for_stdin();
+        }
+        // conn-server NAME ADDR DEVICE: a service named NAME that accepts connections and
+        // forks a worker per connection holding the connection and DEVICE; prints
+        // "worker <pid> <peer port>" per connection. Never reads the sockets.
+        "conn-server" => {
+            let name = arg(&args, 2, "name");
+            let addr: SocketAddr = arg(&args, 3, "address").parse().expect("address");
+            let device = arg(&args, 4, "device");
+            set_comm(&name);
+            let listener = TcpListener::bind(addr).expect("bind");
+            say(&format!(
+                "listening {}",
+                listener.local_addr().expect("addr")
+            ));
+            loop {
+                let (conn, peer) = listener.accept().expect("accept");
+                // SAFETY: single-threaded; the child opens a file and waits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        set_comm("gpu-worker");
+                        drop(listener);
+                        let _file = std::fs::File::open(&device)
+                            .unwrap_or_else(|e| panic!("open {device}: {e}"));
+                        let _conn = conn;
+                        say(&format!("worker {} {}", std::process::id(), peer.port()));
+                        std::thread::sleep(Duration::from_secs(600));
+                        // SAFETY: end the child without the parent's exit handlers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    child if child > 0 => drop(conn),
+                    _ => panic!("fork: {}", std::io::Error::last_os_error()),
+                }
             }
         }
         // cuda-hold MIB: allocate MIB of GPU memory through the CUDA driver API (libcuda,

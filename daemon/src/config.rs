@@ -1,0 +1,699 @@
+//! The configuration file (TOML), validated up front: every error names the key and its line,
+//! and a daemon with an invalid configuration does not start.
+//!
+//! Defaults are safe: `mode = "report"` signals nothing.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{gpu::DEFAULT_DEVICE_GLOB, ledger::DEFAULT_LEDGER_PATH, probe};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax errors, unknown keys and wrong types; toml's message names the line and key.
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}, {}: {key}: {message}", line.map(|l| format!("line {l}")).unwrap_or_else(|| "(no line)".to_owned()))]
+    Invalid {
+        path: String,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decide and record, never signal.
+    Report,
+    /// Reclaim orphans.
+    Enforce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// A session is the service's process tree, dead when its root exits.
+    Process,
+    /// A session is one TCP connection into a service port, dead on the peer's FIN/RST.
+    Connection,
+}
+
+/// How processes are recognised as a service's. A process matches when any given matcher
+/// matches; its descendants belong to the service too.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Matcher {
+    /// Exact command names (`/proc/<pid>/comm`).
+    pub comm: Vec<String>,
+    /// A glob on the executable path (`/proc/<pid>/exe`).
+    pub exe: Option<glob::Pattern>,
+    /// A cgroup path prefix (from `/proc/<pid>/cgroup`, cgroup v2).
+    pub cgroup: Option<String>,
+    /// A systemd unit (matched as the cgroup's last component `NAME.service` or `NAME`).
+    pub unit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub matcher: Matcher,
+    pub ports: Vec<u16>,
+    pub scope: Scope,
+    /// Overrides of the policy for this service.
+    pub mode: Option<Mode>,
+    pub grace: Option<Duration>,
+    /// Run before signalling, with the session's facts in its environment.
+    pub hook: Option<PathBuf>,
+    pub hook_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub mode: Mode,
+    /// How long a session must have been dead before its holders count as orphaned.
+    pub grace: Duration,
+    /// Between SIGTERM and SIGKILL.
+    pub term_grace: Duration,
+    /// Device memory use (fraction of total) above which grace is halved.
+    pub soft: f64,
+    /// Above which grace is skipped.
+    pub hard: f64,
+    /// Never signalled: command names, or executable globs (entries containing '/').
+    pub protect: Vec<String>,
+    /// Breaker: more reclaims than this in a minute stop all action until an operator resets it.
+    pub max_reclaims_per_minute: u32,
+    /// Periodic reconciliation that catches what events missed.
+    pub sweep: Duration,
+    /// Decisions waiting for the executor; beyond this they are counted and dropped.
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    pub nvml_library: Option<PathBuf>,
+    pub device_glob: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeConfig {
+    pub ring_bytes: u32,
+    pub btf: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub policy: Policy,
+    pub gpu: GpuConfig,
+    pub ledger_path: PathBuf,
+    pub probe: ProbeConfig,
+    pub services: Vec<Service>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            policy: Policy {
+                mode: Mode::Report,
+                grace: Duration::from_secs(10),
+                term_grace: Duration::from_secs(5),
+                soft: 0.75,
+                hard: 0.90,
+                protect: Vec::new(),
+                max_reclaims_per_minute: 30,
+                sweep: Duration::from_secs(5),
+                queue: 1024,
+            },
+            gpu: GpuConfig {
+                nvml_library: None,
+                device_glob: DEFAULT_DEVICE_GLOB.to_owned(),
+            },
+            ledger_path: PathBuf::from(DEFAULT_LEDGER_PATH),
+            probe: ProbeConfig {
+                ring_bytes: probe::DEFAULT_RING_BYTES,
+                btf: PathBuf::from(probe::DEFAULT_BTF_PATH),
+            },
+            services: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The mode that applies to a service.
+    pub fn mode_of(&self, service: &Service) -> Mode {
+        service.mode.unwrap_or(self.policy.mode)
+    }
+
+    pub fn grace_of(&self, service: &Service) -> Duration {
+        service.grace.unwrap_or(self.policy.grace)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Every port some service watches.
+    pub fn watched_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().copied())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: raw::Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let doc = toml_edit::Document::parse(text.to_owned()).ok();
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            line: doc.as_ref().and_then(|d| line_of(text, d, key)),
+            message,
+        };
+        raw.validate(&invalid)
+    }
+}
+
+/// The 1-based line where dotted `key` (with `service[N]` for array entries) is written, or
+/// where the nearest enclosing table is, when the key itself is absent.
+fn line_of(text: &str, doc: &toml_edit::Document<String>, key: &str) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut span = None;
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some((k, v)) = table.get_key_value(name) else {
+            break;
+        };
+        span = k.span().or(span);
+        if let Some(n) = index {
+            let entry = v.as_array_of_tables()?.get(n)?;
+            span = entry.span().or(span);
+            table = entry;
+        } else if let Some(t) = v.as_table_like() {
+            table = t;
+        } else {
+            break;
+        }
+    }
+    span.map(|s| line_at(text, s.start))
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The file's shape, as serde reads it: unknown keys are errors.
+mod raw {
+    use std::{path::PathBuf, time::Duration};
+
+    use serde::Deserialize;
+
+    use super::{ConfigError, Mode, Scope};
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        #[serde(default)]
+        pub policy: Policy,
+        #[serde(default)]
+        pub gpu: Gpu,
+        #[serde(default)]
+        pub ledger: Ledger,
+        #[serde(default)]
+        pub probe: Probe,
+        #[serde(default)]
+        pub service: Vec<Service>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Policy {
+        pub mode: Option<Mode>,
+        pub grace: Option<String>,
+        pub term_grace: Option<String>,
+        pub soft: Option<f64>,
+        pub hard: Option<f64>,
+        #[serde(default)]
+        pub protect: Vec<String>,
+        pub max_reclaims_per_minute: Option<u32>,
+        pub sweep: Option<String>,
+        pub queue: Option<usize>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Gpu {
+        pub nvml_library: Option<PathBuf>,
+        pub device_glob: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Ledger {
+        pub path: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Probe {
+        pub ring_bytes: Option<u32>,
+        pub btf: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Match {
+        #[serde(default)]
+        pub comm: Vec<String>,
+        pub exe: Option<String>,
+        pub cgroup: Option<String>,
+        pub unit: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Service {
+        pub name: String,
+        #[serde(rename = "match")]
+        pub matcher: Match,
+        #[serde(default)]
+        pub ports: Vec<u16>,
+        pub scope: Option<Scope>,
+        pub mode: Option<Mode>,
+        pub grace: Option<String>,
+        pub hook: Option<PathBuf>,
+        pub hook_timeout: Option<String>,
+    }
+
+    type Invalid<'a> = &'a dyn Fn(&str, String) -> ConfigError;
+
+    fn duration(
+        v: &Option<String>,
+        key: &str,
+        default: Duration,
+        invalid: Invalid,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+                invalid(
+                    key,
+                    format!("{s:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\""),
+                )
+            }),
+        }
+    }
+
+    fn fraction(
+        v: Option<f64>,
+        key: &str,
+        default: f64,
+        invalid: Invalid,
+    ) -> Result<f64, ConfigError> {
+        let f = v.unwrap_or(default);
+        if f.is_finite() && f > 0.0 && f <= 1.0 {
+            Ok(f)
+        } else {
+            Err(invalid(
+                key,
+                format!("{f} is not a fraction of device memory in (0, 1]"),
+            ))
+        }
+    }
+
+    impl Config {
+        pub fn validate(self, invalid: Invalid) -> Result<super::Config, ConfigError> {
+            let d = super::Config::default();
+            let p = self.policy;
+            let soft = fraction(p.soft, "policy.soft", d.policy.soft, invalid)?;
+            let hard = fraction(p.hard, "policy.hard", d.policy.hard, invalid)?;
+            if soft > hard {
+                return Err(invalid(
+                    "policy.soft",
+                    format!("soft ({soft}) must not exceed hard ({hard})"),
+                ));
+            }
+            let max = p
+                .max_reclaims_per_minute
+                .unwrap_or(d.policy.max_reclaims_per_minute);
+            if max == 0 {
+                return Err(invalid(
+                    "policy.max_reclaims_per_minute",
+                    "must be at least 1 (use mode = \"report\" to act on nothing)".to_owned(),
+                ));
+            }
+            let sweep = duration(&p.sweep, "policy.sweep", d.policy.sweep, invalid)?;
+            if sweep < Duration::from_millis(100) {
+                return Err(invalid("policy.sweep", "must be at least 100ms".to_owned()));
+            }
+            let queue = p.queue.unwrap_or(d.policy.queue);
+            if queue == 0 {
+                return Err(invalid("policy.queue", "must be at least 1".to_owned()));
+            }
+            for (i, entry) in p.protect.iter().enumerate() {
+                if entry.trim().is_empty() {
+                    return Err(invalid(
+                        "policy.protect",
+                        format!("entry {} is empty", i + 1),
+                    ));
+                }
+                if entry.contains('/') && glob::Pattern::new(entry).is_err() {
+                    return Err(invalid(
+                        "policy.protect",
+                        format!("{entry:?} is not a valid glob"),
+                    ));
+                }
+            }
+            let policy = super::Policy {
+                mode: p.mode.unwrap_or(d.policy.mode),
+                grace: duration(&p.grace, "policy.grace", d.policy.grace, invalid)?,
+                term_grace: duration(
+                    &p.term_grace,
+                    "policy.term_grace",
+                    d.policy.term_grace,
+                    invalid,
+                )?,
+                soft,
+                hard,
+                protect: p.protect,
+                max_reclaims_per_minute: max,
+                sweep,
+                queue,
+            };
+
+            let device_glob = self.gpu.device_glob.unwrap_or(d.gpu.device_glob);
+            if let Err(e) = glob::Pattern::new(&device_glob) {
+                return Err(invalid(
+                    "gpu.device_glob",
+                    format!("{device_glob:?} is not a valid glob: {e}"),
+                ));
+            }
+            let ring_bytes = self.probe.ring_bytes.unwrap_or(d.probe.ring_bytes);
+            if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+                return Err(invalid(
+                    "probe.ring_bytes",
+                    format!("{ring_bytes} must be a power of two, at least 4096"),
+                ));
+            }
+
+            let mut services = Vec::with_capacity(self.service.len());
+            for (i, s) in self.service.into_iter().enumerate() {
+                let at = |key: &str| format!("service[{i}].{key}");
+                if s.name.trim().is_empty() {
+                    return Err(invalid(&at("name"), "must not be empty".to_owned()));
+                }
+                if services.iter().any(|o: &super::Service| o.name == s.name) {
+                    return Err(invalid(
+                        &at("name"),
+                        format!("{:?} is defined twice", s.name),
+                    ));
+                }
+                let m = s.matcher;
+                if m.comm.is_empty() && m.exe.is_none() && m.cgroup.is_none() && m.unit.is_none() {
+                    return Err(invalid(
+                        &at("match"),
+                        "give at least one of comm, exe, cgroup, unit".to_owned(),
+                    ));
+                }
+                if let Some(bad) = m.comm.iter().find(|c| c.is_empty() || c.len() > 15) {
+                    return Err(invalid(
+                        &at("match.comm"),
+                        format!(
+                            "{bad:?}: a command name has 1 to 15 characters (the kernel truncates to 15)"
+                        ),
+                    ));
+                }
+                let exe = match m.exe {
+                    None => None,
+                    Some(e) => Some(glob::Pattern::new(&e).map_err(|err| {
+                        invalid(
+                            &at("match.exe"),
+                            format!("{e:?} is not a valid glob: {err}"),
+                        )
+                    })?),
+                };
+                if let Some(c) = &m.cgroup
+                    && !c.starts_with('/')
+                {
+                    return Err(invalid(
+                        &at("match.cgroup"),
+                        format!("{c:?} must start with '/'"),
+                    ));
+                }
+                if s.ports.contains(&0) {
+                    return Err(invalid(&at("ports"), "port 0 is not a port".to_owned()));
+                }
+                let scope = s.scope.unwrap_or(Scope::Process);
+                if scope == Scope::Connection && s.ports.is_empty() {
+                    return Err(invalid(
+                        &at("ports"),
+                        "scope = \"connection\" needs the service's listening ports".to_owned(),
+                    ));
+                }
+                let grace = match &s.grace {
+                    None => None,
+                    g => Some(duration(g, &at("grace"), Duration::ZERO, invalid)?),
+                };
+                if let Some(h) = &s.hook
+                    && !h.is_absolute()
+                {
+                    return Err(invalid(
+                        &at("hook"),
+                        format!("{} must be an absolute path", h.display()),
+                    ));
+                }
+                services.push(super::Service {
+                    name: s.name,
+                    matcher: super::Matcher {
+                        comm: m.comm,
+                        exe,
+                        cgroup: m.cgroup,
+                        unit: m.unit,
+                    },
+                    ports: s.ports,
+                    scope,
+                    mode: s.mode,
+                    grace,
+                    hook: s.hook,
+                    hook_timeout: duration(
+                        &s.hook_timeout,
+                        &at("hook_timeout"),
+                        Duration::from_secs(10),
+                        invalid,
+                    )?,
+                });
+            }
+
+            Ok(super::Config {
+                policy,
+                gpu: super::GpuConfig {
+                    nvml_library: self.gpu.nvml_library,
+                    device_glob,
+                },
+                ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
+                probe: super::ProbeConfig {
+                    ring_bytes,
+                    btf: self.probe.btf.unwrap_or(d.probe.btf),
+                },
+                services,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[policy]
+mode = "enforce"
+grace = "500ms"
+term_grace = "2s"
+soft = 0.7
+hard = 0.95
+protect = ["sshd", "/usr/bin/nvidia-*"]
+max_reclaims_per_minute = 10
+sweep = "1s"
+
+[gpu]
+nvml_library = "/opt/fake/libnvidia-ml.so.1"
+device_glob = "/tmp/gpu/nvidia*"
+
+[ledger]
+path = "/tmp/ledger.db"
+
+[[service]]
+name = "llm"
+match = { comm = ["server"], unit = "llm.service" }
+ports = [8000, 8001]
+scope = "connection"
+grace = "0s"
+
+[[service]]
+name = "notebooks"
+match = { exe = "/opt/jupyter/*" }
+mode = "report"
+hook = "/usr/local/bin/drain"
+"#;
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::parse("", "test").unwrap();
+        assert_eq!(c.policy.mode, Mode::Report);
+        assert_eq!(c.policy.grace, Duration::from_secs(10));
+        assert_eq!(c.policy.term_grace, Duration::from_secs(5));
+        assert_eq!(c.policy.soft, 0.75);
+        assert_eq!(c.policy.hard, 0.90);
+        assert_eq!(c.policy.max_reclaims_per_minute, 30);
+        assert_eq!(c.ledger_path, PathBuf::from("/var/lib/reclaimd/ledger.db"));
+        assert_eq!(c.gpu.device_glob, "/dev/nvidia*");
+        assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn full_file() {
+        let c = Config::parse(FULL, "test").unwrap();
+        assert_eq!(c.policy.mode, Mode::Enforce);
+        assert_eq!(c.policy.grace, Duration::from_millis(500));
+        assert_eq!(c.policy.protect.len(), 2);
+        assert_eq!(c.services.len(), 2);
+        let llm = &c.services[0];
+        assert_eq!(llm.scope, Scope::Connection);
+        assert_eq!(llm.ports, vec![8000, 8001]);
+        assert_eq!(llm.matcher.comm, vec!["server"]);
+        assert_eq!(llm.matcher.unit.as_deref(), Some("llm.service"));
+        assert_eq!(c.grace_of(llm), Duration::ZERO);
+        assert_eq!(c.mode_of(llm), Mode::Enforce);
+        let nb = &c.services[1];
+        assert_eq!(nb.scope, Scope::Process);
+        assert_eq!(c.mode_of(nb), Mode::Report);
+        assert_eq!(c.grace_of(nb), Duration::from_millis(500));
+        assert!(
+            nb.matcher
+                .exe
+                .as_ref()
+                .unwrap()
+                .matches("/opt/jupyter/python")
+        );
+        assert_eq!(c.watched_ports(), vec![8000, 8001]);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "reclaimd.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let e = err("[policy]\nmode = \"enforce\"\ngrace = \"ten seconds\"\n");
+        assert!(e.contains("policy.grace"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("reclaimd.toml"), "{e}");
+
+        let e = err("[policy]\nsoft = 0.95\nhard = 0.9\n");
+        assert!(e.contains("policy.soft") && e.contains("line 2"), "{e}");
+
+        let e = err(
+            "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\n\n[[service]]\nname = \"b\"\nmatch = { comm = [\"y\"] }\nscope = \"connection\"\n",
+        );
+        assert!(e.contains("service[1].ports"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+
+        let e = err("[[service]]\nname = \"a\"\nmatch = { }\n");
+        assert!(
+            e.contains("service[0].match") && e.contains("line 3"),
+            "{e}"
+        );
+
+        let e = err("[[service]]\nname = \"a\"\nmatch = { exe = \"/opt/[x\" }\n");
+        assert!(e.contains("service[0].match.exe"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn syntax_unknown_keys_and_types_are_refused() {
+        let e = err("[policy]\nmode = \"enforce\"\ngarce = \"1s\"\n");
+        assert!(e.contains("garce") && e.contains("line 3"), "{e}");
+        let e = err("[policy]\nmode = \"sometimes\"\n");
+        assert!(e.contains("sometimes") && e.contains("line 2"), "{e}");
+        let e = err("[policy\n");
+        assert!(e.contains("line 1"), "{e}");
+        let e = err("[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\nports = [70000]\n");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn other_invalid_values() {
+        for (text, key) in [
+            (
+                "[policy]\nmax_reclaims_per_minute = 0\n",
+                "policy.max_reclaims_per_minute",
+            ),
+            ("[policy]\nhard = 1.5\n", "policy.hard"),
+            ("[policy]\nsweep = \"1ms\"\n", "policy.sweep"),
+            ("[policy]\nprotect = [\"\"]\n", "policy.protect"),
+            ("[gpu]\ndevice_glob = \"/dev/[\"\n", "gpu.device_glob"),
+            ("[probe]\nring_bytes = 5000\n", "probe.ring_bytes"),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"averyveryverylongname\"] }\n",
+                "service[0].match.comm",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { cgroup = \"system.slice\" }\n",
+                "service[0].match.cgroup",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\nhook = \"drain.sh\"\n",
+                "service[0].hook",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\n[[service]]\nname = \"a\"\nmatch = { comm = [\"y\"] }\n",
+                "service[1].name",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let e = Config::load(Path::new("/nonexistent/reclaimd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot read config /nonexistent/reclaimd.toml"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,851 @@
+//! The one owner of the process tree and the session table: pure state transitions fed by
+//! kernel events and /proc scans, no I/O. Times are CLOCK_MONOTONIC nanoseconds, the clock
+//! of the kernel's event timestamps.
+//!
+//! Sessions (DESIGN.md): a *process* session is a service's process tree, dead when its root
+//! exits; a *connection* session is one TCP connection into a service port, dead when the
+//! peer closes it. A holder is bound to the process session of its nearest service root
+//! (pinned when first seen, so reparenting after the root's death changes nothing) and, for
+//! connection-scoped services, to the connections whose sockets it holds.
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use reclaimd_common::tcp_state;
+use serde::Serialize;
+
+use crate::{
+    config::{Scope, Service},
+    event::{ExitStatus, KernelEvent},
+};
+
+pub type Ns = u64;
+
+/// A process across pid reuse: its pid and start time (clock ticks since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProcId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+/// What /proc says about a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcFacts {
+    pub pid: u32,
+    pub ppid: u32,
+    pub start_time: u64,
+    pub comm: String,
+    pub exe: Option<PathBuf>,
+    pub cgroup: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Proc {
+    start_time: Option<u64>,
+    /// The parent at fork (or at first sight): kept when the kernel reparents the process,
+    /// because the lineage is what binds a worker to the server that spawned it.
+    ppid: u32,
+    comm: String,
+    exe: Option<PathBuf>,
+    cgroup: Option<String>,
+    /// When this record was created: a /proc scan that started earlier cannot vouch for it.
+    since: Ns,
+    exited: Option<Exited>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exited {
+    at: Ns,
+    /// `None` when the process was found missing rather than seen exiting.
+    status: Option<ExitStatus>,
+}
+
+/// Why and when a session died.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Death {
+    pub at: Ns,
+    pub cause: String,
+}
+
+/// A connection session, keyed by its 4-tuple (unique while the connection exists).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct ConnKey {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl std::fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{}", self.local, self.remote)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Conn {
+    pub key: ConnKey,
+    pub sock: u64,
+    pub service: String,
+    pub opened_at: Ns,
+    pub owner_tgid: u32,
+    pub death: Option<Death>,
+}
+
+/// A holder's process-session binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Binding {
+    pub service: String,
+    pub root: ProcId,
+}
+
+/// A session a holder is bound to, and whether it lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BoundSession {
+    pub kind: &'static str,
+    pub key: String,
+    pub death: Option<Death>,
+}
+
+/// Dead sessions are kept this long after their death, then dropped (invariant 5).
+pub const RETENTION: Ns = 120 * 1_000_000_000;
+
+#[derive(Debug)]
+pub struct Model {
+    services: Vec<Service>,
+    procs: HashMap<u32, Proc>,
+    conns: HashMap<ConnKey, Conn>,
+    /// Sockets of watched connections → their key, for transitions that carry only the sock.
+    socks: HashMap<u64, ConnKey>,
+    pins: HashMap<ProcId, Binding>,
+    /// Roots found gone without an exit event (e.g. died while reclaimd was down).
+    noticed_dead: HashMap<ProcId, Ns>,
+    /// Pins made since the last `take_new_pins`, for the ledger.
+    new_pins: Vec<(ProcId, Binding)>,
+}
+
+/// The service a port belongs to, for connection-scoped services.
+fn service_of_port(services: &[Service], port: u16) -> Option<&Service> {
+    services
+        .iter()
+        .find(|s| s.scope == Scope::Connection && s.ports.contains(&port))
+}
+
+/// Whether a process matches a service's matcher directly (any given matcher suffices).
+pub fn matches(
+    s: &Service,
+    comm: &str,
+    exe: Option<&std::path::Path>,
+    cgroup: Option<&str>,
+) -> bool {
+    let m = &s.matcher;
+    if m.comm.iter().any(|c| c == comm) {
+        return true;
+    }
+    if let (Some(p), Some(exe)) = (&m.exe, exe)
+        && p.matches_path(exe)
+    {
+        return true;
+    }
+    if let (Some(prefix), Some(cg)) = (&m.cgroup, cgroup)
+        && (cg == prefix || cg.starts_with(&format!("{}/", prefix.trim_end_matches('/'))))
+    {
+        return true;
+    }
+    if let (Some(unit), Some(cg)) = (&m.unit, cgroup) {
+        let want = if unit.contains('.') {
+            unit.clone()
+        } else {
+            format!("{unit}.service")
+        };
+        return cg.split('/').any(|part| part == want);
+    }
+    false
+}
+
+impl Model {
+    pub fn new(services: Vec<Service>) -> Self {
+        Self {
+            services,
+            procs: HashMap::new(),
+            conns: HashMap::new(),
+            socks: HashMap::new(),
+            pins: HashMap::new(),
+            noticed_dead: HashMap::new(),
+            new_pins: Vec::new(),
+        }
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    pub fn process_count(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn conns(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
+    }
+
+    pub fn pins(&self) -> impl Iterator<Item = (&ProcId, &Binding)> {
+        self.pins.iter()
+    }
+
+    /// Feeds one kernel event. Returns true when a session may have died (worth a
+    /// reconciliation soon).
+    pub fn apply(&mut self, ev: &KernelEvent) -> bool {
+        match ev {
+            KernelEvent::Fork {
+                pid,
+                ppid,
+                comm,
+                ts_ns,
+            } => {
+                // A child starts as a copy of its parent: same executable and cgroup.
+                let parent = self.procs.get(ppid).cloned();
+                self.procs.insert(
+                    *pid,
+                    Proc {
+                        start_time: None,
+                        ppid: *ppid,
+                        comm: comm.clone(),
+                        exe: parent.as_ref().and_then(|p| p.exe.clone()),
+                        cgroup: parent.and_then(|p| p.cgroup),
+                        since: *ts_ns,
+                        exited: None,
+                    },
+                );
+                false
+            }
+            KernelEvent::Exit {
+                tgid,
+                status,
+                ts_ns,
+                ..
+            } => {
+                // Only deaths that can end a session are worth a reconciliation.
+                let relevant = self.pins.values().any(|b| b.root.pid == *tgid)
+                    || self.service_root(*tgid).is_some();
+                match self.procs.get_mut(tgid) {
+                    Some(p) => {
+                        p.exited = Some(Exited {
+                            at: *ts_ns,
+                            status: Some(*status),
+                        });
+                        relevant
+                    }
+                    None => false,
+                }
+            }
+            KernelEvent::Tcp {
+                ts_ns,
+                socket,
+                old_state,
+                new_state,
+                owner_tgid,
+                ..
+            } => self.apply_tcp(
+                *ts_ns,
+                socket.sock,
+                ConnKey {
+                    local: SocketAddr::new(socket.local.addr, socket.local.port),
+                    remote: SocketAddr::new(socket.remote.addr, socket.remote.port),
+                },
+                *old_state,
+                *new_state,
+                *owner_tgid,
+            ),
+            KernelEvent::Owner { socket, tgid, .. } => {
+                if let Some(key) = self.socks.get(&socket.sock)
+                    && let Some(c) = self.conns.get_mut(key)
+                {
+                    c.owner_tgid = *tgid;
+                }
+                false
+            }
+        }
+    }
+
+    fn apply_tcp(&mut self, ts: Ns, sock: u64, key: ConnKey, old: u8, new: u8, owner: u32) -> bool {
+        let Some(service) = service_of_port(&self.services, key.local.port()) else {
+            return false;
+        };
+        if new == tcp_state::LISTEN || old == tcp_state::LISTEN {
+            return false; // the listener, or a half-open request: not a session yet
+        }
+        let name = service.name.clone();
+        let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
+            key: key.clone(),
+            sock,
+            service: name,
+            opened_at: ts,
+            owner_tgid: owner,
+            death: None,
+        });
+        if owner != 0 {
+            conn.owner_tgid = owner;
+        }
+        self.socks.insert(sock, key);
+        if conn.death.is_none() && new != tcp_state::ESTABLISHED && new != tcp_state::SYN_RECV {
+            let cause = match new {
+                tcp_state::CLOSE_WAIT => "peer closed (CLOSE_WAIT)".to_owned(),
+                tcp_state::CLOSE => "reset or closed (CLOSE)".to_owned(),
+                s => format!("closed locally ({})", tcp_state::name(s)),
+            };
+            conn.death = Some(Death { at: ts, cause });
+            return true;
+        }
+        false
+    }
+
+    /// Records a connection found in /proc/net/tcp (at start-up or resync).
+    pub fn observe_conn(&mut self, key: ConnKey, state: u8, now: Ns) {
+        let Some(service) = service_of_port(&self.services, key.local.port()) else {
+            return;
+        };
+        let dead = !matches!(state, tcp_state::ESTABLISHED | tcp_state::SYN_RECV);
+        let name = service.name.clone();
+        let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
+            key,
+            sock: 0,
+            service: name,
+            opened_at: now,
+            owner_tgid: 0,
+            death: None,
+        });
+        if dead && conn.death.is_none() {
+            conn.death = Some(Death {
+                at: now,
+                cause: format!("found {}", tcp_state::name(state)),
+            });
+        }
+    }
+
+    /// Merges a /proc scan that started at `scan_start`: every live process with its facts.
+    /// Processes the scan could have seen but did not are dead (an exit event may have been
+    /// lost); records newer than the scan are left alone. A pid whose start time changed was
+    /// reused.
+    pub fn observe_procs(&mut self, scan: &[ProcFacts], scan_start: Ns) {
+        let live: HashSet<u32> = scan.iter().map(|f| f.pid).collect();
+        for (_, p) in self
+            .procs
+            .iter_mut()
+            .filter(|(pid, p)| !live.contains(pid) && p.since < scan_start && p.exited.is_none())
+        {
+            p.exited = Some(Exited {
+                at: scan_start,
+                status: None,
+            });
+        }
+        for f in scan {
+            self.observe_proc(f, scan_start);
+        }
+    }
+
+    /// Learns one process's facts, read from /proc at time `at`.
+    pub fn observe_proc(&mut self, f: &ProcFacts, at: Ns) {
+        match self.procs.get_mut(&f.pid) {
+            Some(p) if p.start_time.is_none() || p.start_time == Some(f.start_time) => {
+                p.start_time = Some(f.start_time);
+                p.comm.clone_from(&f.comm);
+                p.exe.clone_from(&f.exe);
+                p.cgroup.clone_from(&f.cgroup);
+            }
+            _ => {
+                self.procs.insert(
+                    f.pid,
+                    Proc {
+                        start_time: Some(f.start_time),
+                        ppid: f.ppid,
+                        comm: f.comm.clone(),
+                        exe: f.exe.clone(),
+                        cgroup: f.cgroup.clone(),
+                        since: at,
+                        exited: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn direct_service(&self, pid: u32) -> Option<&Service> {
+        let p = self.procs.get(&pid)?;
+        self.services
+            .iter()
+            .find(|s| matches(s, &p.comm, p.exe.as_deref(), p.cgroup.as_deref()))
+    }
+
+    /// The service `pid` belongs to (its own match, else its ancestors'), and that
+    /// service's root: the topmost ancestor-or-self in the service whose parent is not.
+    pub fn service_root(&self, pid: u32) -> Option<(&Service, ProcId)> {
+        let mut chain = Vec::new();
+        let mut cur = pid;
+        for _ in 0..64 {
+            let Some(p) = self.procs.get(&cur) else { break };
+            chain.push(cur);
+            if p.ppid == 0 || p.ppid == cur {
+                break;
+            }
+            cur = p.ppid;
+        }
+        // Innermost service wins: the nearest matching process from the holder upwards.
+        let (idx, service) = chain
+            .iter()
+            .enumerate()
+            .find_map(|(i, pid)| self.direct_service(*pid).map(|s| (i, s)))?;
+        // Climb while ancestors still match the same service.
+        let mut root_idx = idx;
+        for (i, pid) in chain.iter().enumerate().skip(idx + 1) {
+            match self.direct_service(*pid) {
+                Some(s) if s.name == service.name => root_idx = i,
+                _ => break,
+            }
+        }
+        let root_pid = chain[root_idx];
+        let start_time = self.procs.get(&root_pid)?.start_time?;
+        Some((
+            service,
+            ProcId {
+                pid: root_pid,
+                start_time,
+            },
+        ))
+    }
+
+    /// The holder's binding, pinned at first call; `None` outside every service.
+    pub fn bind(&mut self, holder: ProcId) -> Option<Binding> {
+        if let Some(b) = self.pins.get(&holder) {
+            return Some(b.clone());
+        }
+        let (service, root) = self.service_root(holder.pid)?;
+        let b = Binding {
+            service: service.name.clone(),
+            root,
+        };
+        self.pins.insert(holder, b.clone());
+        self.new_pins.push((holder, b.clone()));
+        Some(b)
+    }
+
+    /// Whether /proc has never been read for `pid` (its facts are its parent's, from the fork).
+    pub fn needs_facts(&self, pid: u32) -> bool {
+        self.procs.get(&pid).is_none_or(|p| p.start_time.is_none())
+    }
+
+    pub fn is_pinned(&self, holder: ProcId) -> bool {
+        self.pins.contains_key(&holder)
+    }
+
+    /// Restores a binding remembered across a restart (the ledger's lineage).
+    pub fn restore_pin(&mut self, holder: ProcId, b: Binding) {
+        self.pins.entry(holder).or_insert(b);
+    }
+
+    pub fn take_new_pins(&mut self) -> Vec<(ProcId, Binding)> {
+        std::mem::take(&mut self.new_pins)
+    }
+
+    /// Whether the process `id` lives, and if not, when and how it died.
+    pub fn process_death(&mut self, id: ProcId, now: Ns) -> Option<Death> {
+        match self.procs.get(&id.pid) {
+            Some(p) if p.start_time == Some(id.start_time) || p.start_time.is_none() => {
+                p.exited.map(|e| Death {
+                    at: e.at,
+                    cause: match e.status {
+                        None => "gone (missing from /proc)".to_owned(),
+                        Some(ExitStatus::Code(c)) => format!("exited with code {c}"),
+                        Some(ExitStatus::Signal(s)) => format!("killed by signal {s}"),
+                    },
+                })
+            }
+            _ => {
+                let at = *self.noticed_dead.entry(id).or_insert(now);
+                Some(Death {
+                    at,
+                    cause: "gone (seen missing)".to_owned(),
+                })
+            }
+        }
+    }
+
+    /// The sessions a holder is bound to: the process session of its binding, and for
+    /// connection-scoped services the connections whose sockets it holds (`conns`), which
+    /// replace the process session when there are any.
+    pub fn bound_sessions(
+        &mut self,
+        binding: &Binding,
+        conns: &[ConnKey],
+        now: Ns,
+    ) -> Vec<BoundSession> {
+        let scope = self
+            .service(&binding.service)
+            .map(|s| s.scope)
+            .unwrap_or(Scope::Process);
+        if scope == Scope::Connection {
+            let bound: Vec<BoundSession> = conns
+                .iter()
+                .filter_map(|k| self.conns.get(k))
+                .filter(|c| c.service == binding.service)
+                .map(|c| BoundSession {
+                    kind: "connection",
+                    key: c.key.to_string(),
+                    death: c.death.clone(),
+                })
+                .collect();
+            if !bound.is_empty() {
+                return bound;
+            }
+        }
+        let death = self.process_death(binding.root, now);
+        vec![BoundSession {
+            kind: "process",
+            key: format!("pid:{}@{}", binding.root.pid, binding.root.start_time),
+            death,
+        }]
+    }
+
+    /// Forgets a holder that is gone (reclaimed, released, or exited).
+    pub fn forget_holder(&mut self, holder: ProcId) {
+        self.pins.remove(&holder);
+    }
+
+    /// Drops settled state: exited processes no pin refers to, dead connections past
+    /// retention, and pins of holders that are gone. Keeps memory flat (invariant 5).
+    pub fn prune(&mut self, live_holders: &HashSet<ProcId>, now: Ns) {
+        self.pins.retain(|h, _| live_holders.contains(h));
+        let roots: HashSet<u32> = self.pins.values().map(|b| b.root.pid).collect();
+        // A dead process stays while a live one names it as parent: lineage for bindings.
+        let parents: HashSet<u32> = self
+            .procs
+            .values()
+            .filter(|p| p.exited.is_none())
+            .map(|p| p.ppid)
+            .collect();
+        self.procs.retain(|pid, p| match p.exited {
+            None => true,
+            Some(e) => {
+                roots.contains(pid)
+                    || (parents.contains(pid) && now.saturating_sub(e.at) < RETENTION)
+            }
+        });
+        let keep: HashSet<String> = self.pins.values().map(|b| b.service.clone()).collect();
+        self.conns.retain(|_, c| match &c.death {
+            None => true,
+            Some(d) => now.saturating_sub(d.at) < RETENTION && keep.contains(&c.service),
+        });
+        let conns = &self.conns;
+        self.socks.retain(|_, k| conns.contains_key(k));
+        let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
+        self.noticed_dead.retain(|id, _| pinned.contains(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::{
+        config::Matcher,
+        event::{Endpoint, Socket},
+    };
+
+    fn svc(name: &str, comm: &str, scope: Scope, ports: Vec<u16>) -> Service {
+        Service {
+            name: name.to_owned(),
+            matcher: Matcher {
+                comm: vec![comm.to_owned()],
+                ..Matcher::default()
+            },
+            ports,
+            scope,
+            mode: None,
+            grace: None,
+            hook: None,
+            hook_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn facts(pid: u32, ppid: u32, start: u64, comm: &str) -> ProcFacts {
+        ProcFacts {
+            pid,
+            ppid,
+            start_time: start,
+            comm: comm.to_owned(),
+            exe: None,
+            cgroup: None,
+        }
+    }
+
+    fn exit(pid: u32, at: Ns, status: ExitStatus) -> KernelEvent {
+        KernelEvent::Exit {
+            ts_ns: at,
+            pid,
+            tgid: pid,
+            status,
+            comm: String::new(),
+        }
+    }
+
+    #[test]
+    fn worker_is_bound_to_its_server_and_dies_with_it() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(
+            &[facts(1, 0, 1, "systemd"), facts(100, 1, 50, "server")],
+            10,
+        );
+        m.apply(&KernelEvent::Fork {
+            ts_ns: 20,
+            pid: 200,
+            ppid: 100,
+            comm: "server".into(),
+        });
+        m.observe_proc(&facts(200, 100, 60, "worker"), 21);
+        let worker = ProcId {
+            pid: 200,
+            start_time: 60,
+        };
+        let b = m.bind(worker).unwrap();
+        assert_eq!(b.service, "llm");
+        assert_eq!(
+            b.root,
+            ProcId {
+                pid: 100,
+                start_time: 50
+            }
+        );
+        assert_eq!(m.take_new_pins().len(), 1);
+        let s = m.bound_sessions(&b, &[], 30);
+        assert!(s[0].death.is_none());
+
+        assert!(m.apply(&exit(100, 40, ExitStatus::Signal(9))));
+        // The kernel reparents the worker; the binding stays.
+        m.observe_procs(
+            &[facts(1, 0, 1, "systemd"), facts(200, 1, 60, "worker")],
+            50,
+        );
+        let b = m.bind(worker).unwrap();
+        assert_eq!(b.root.pid, 100);
+        let s = m.bound_sessions(&b, &[], 60);
+        let d = s[0].death.as_ref().unwrap();
+        assert_eq!(d.at, 40);
+        assert_eq!(d.cause, "killed by signal 9");
+    }
+
+    #[test]
+    fn a_root_is_the_topmost_matching_ancestor_and_outsiders_have_no_service() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(
+            &[
+                facts(1, 0, 1, "systemd"),
+                facts(10, 1, 2, "server"),
+                facts(11, 10, 3, "server"),
+                facts(12, 11, 4, "python"),
+                facts(13, 1, 5, "bash"),
+            ],
+            1,
+        );
+        let (s, root) = m.service_root(12).unwrap();
+        assert_eq!(s.name, "llm");
+        assert_eq!(root.pid, 10);
+        assert!(m.service_root(13).is_none());
+        assert!(
+            m.bind(ProcId {
+                pid: 13,
+                start_time: 5
+            })
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_scan_older_than_a_fork_does_not_kill_the_child() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(&[facts(10, 1, 2, "server")], 1);
+        // The server forks while a scan (started at 100) is being read; the scan misses it.
+        m.apply(&KernelEvent::Fork {
+            ts_ns: 150,
+            pid: 20,
+            ppid: 10,
+            comm: "server".into(),
+        });
+        m.observe_procs(&[facts(10, 1, 2, "server")], 100);
+        m.observe_proc(&facts(20, 10, 7, "server"), 160);
+        // Its own child, seen in a later scan, must bind to a live root.
+        m.observe_proc(&facts(21, 20, 8, "w"), 170);
+        let b = m
+            .bind(ProcId {
+                pid: 21,
+                start_time: 8,
+            })
+            .unwrap();
+        assert_eq!(b.root.pid, 10);
+        assert!(
+            m.process_death(
+                ProcId {
+                    pid: 20,
+                    start_time: 7
+                },
+                200
+            )
+            .is_none()
+        );
+        assert!(m.bound_sessions(&b, &[], 200)[0].death.is_none());
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_the_root() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(&[facts(10, 1, 2, "server"), facts(11, 10, 3, "w")], 1);
+        let b = m
+            .bind(ProcId {
+                pid: 11,
+                start_time: 3,
+            })
+            .unwrap();
+        // The server dies unseen and its pid is reused by something else.
+        m.observe_procs(&[facts(10, 1, 99, "other"), facts(11, 1, 3, "w")], 5);
+        let s = m.bound_sessions(&b, &[], 6);
+        assert!(s[0].death.is_some(), "{s:?}");
+    }
+
+    fn tcp(sock: u64, cport: u16, old: u8, new: u8, owner: u32, at: Ns) -> KernelEvent {
+        KernelEvent::Tcp {
+            ts_ns: at,
+            socket: Socket {
+                sock,
+                local: Endpoint {
+                    addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    port: 8000,
+                },
+                remote: Endpoint {
+                    addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    port: cport,
+                },
+            },
+            old_state: old,
+            new_state: new,
+            owner_tgid: owner,
+            owner_comm: String::new(),
+        }
+    }
+
+    fn key(cport: u16) -> ConnKey {
+        ConnKey {
+            local: "127.0.0.1:8000".parse().unwrap(),
+            remote: format!("127.0.0.1:{cport}").parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn connections_die_on_peer_close_and_bind_their_holders() {
+        use tcp_state::*;
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
+        m.observe_procs(&[facts(10, 1, 2, "server"), facts(11, 10, 3, "server")], 1);
+        assert!(!m.apply(&tcp(0xa, 5000, CLOSE, LISTEN, 10, 2)));
+        m.apply(&tcp(0xb, 5001, SYN_RECV, ESTABLISHED, 0, 3));
+        m.apply(&tcp(0xc, 5002, SYN_RECV, ESTABLISHED, 0, 3));
+        assert_eq!(m.conns().count(), 2, "the listener is not a session");
+
+        let worker = ProcId {
+            pid: 11,
+            start_time: 3,
+        };
+        let b = m.bind(worker).unwrap();
+        let s = m.bound_sessions(&b, &[key(5001)], 4);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].kind, "connection");
+        assert!(s[0].death.is_none());
+
+        assert!(m.apply(&tcp(0xb, 5001, ESTABLISHED, CLOSE_WAIT, 11, 5)));
+        let s = m.bound_sessions(&b, &[key(5001)], 6);
+        assert_eq!(
+            s[0].death.as_ref().unwrap().cause,
+            "peer closed (CLOSE_WAIT)"
+        );
+        // The other connection lives on.
+        let s = m.bound_sessions(&b, &[key(5002)], 6);
+        assert!(s[0].death.is_none());
+        // No socket held: the process session decides.
+        let s = m.bound_sessions(&b, &[], 6);
+        assert_eq!(s[0].kind, "process");
+        assert!(s[0].death.is_none());
+    }
+
+    #[test]
+    fn memory_stays_flat_as_sessions_come_and_go() {
+        use tcp_state::*;
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
+        m.observe_procs(&[facts(10, 1, 2, "server")], 0);
+        let mut t: Ns = 1;
+        for round in 0..20u32 {
+            for i in 0..500u16 {
+                let port = 10_000 + i;
+                let sock = u64::from(round) << 32 | u64::from(i);
+                m.apply(&tcp(sock, port, SYN_RECV, ESTABLISHED, 10, t));
+                m.apply(&tcp(sock, port, ESTABLISHED, CLOSE_WAIT, 10, t + 1));
+                m.apply(&tcp(sock, port, LAST_ACK, CLOSE, 10, t + 2));
+                let pid = 1000 + u32::from(i);
+                m.apply(&KernelEvent::Fork {
+                    ts_ns: t,
+                    pid,
+                    ppid: 10,
+                    comm: "server".into(),
+                });
+                m.apply(&exit(pid, t + 3, ExitStatus::Code(0)));
+                t += 10;
+            }
+            t += RETENTION;
+            m.prune(&HashSet::new(), t);
+            assert!(m.conns.len() <= 500, "round {round}: {}", m.conns.len());
+            assert!(m.procs.len() <= 501, "round {round}: {}", m.procs.len());
+            assert!(m.socks.len() <= 500);
+        }
+        assert_eq!(m.conns.len(), 0);
+        assert_eq!(m.procs.len(), 1, "only the live server remains");
+    }
+
+    #[test]
+    fn unit_cgroup_and_exe_matchers() {
+        let mut s = svc("nb", "nomatch", Scope::Process, vec![]);
+        s.matcher.unit = Some("jupyter".into());
+        assert!(matches(
+            &s,
+            "python",
+            None,
+            Some("/system.slice/jupyter.service")
+        ));
+        assert!(!matches(
+            &s,
+            "python",
+            None,
+            Some("/system.slice/other.service")
+        ));
+        s.matcher.unit = None;
+        s.matcher.cgroup = Some("/kubepods/burstable".into());
+        assert!(matches(&s, "x", None, Some("/kubepods/burstable/pod1/c1")));
+        assert!(!matches(&s, "x", None, Some("/kubepods/burstable2")));
+        s.matcher.cgroup = None;
+        s.matcher.exe = Some(glob::Pattern::new("/opt/llm/*").unwrap());
+        assert!(matches(
+            &s,
+            "x",
+            Some(std::path::Path::new("/opt/llm/bin")),
+            None
+        ));
+        assert!(!matches(
+            &s,
+            "x",
+            Some(std::path::Path::new("/usr/bin/llm")),
+            None
+        ));
+    }
+}

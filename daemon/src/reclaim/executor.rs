@@ -1,0 +1,422 @@
+//! Carries out decisions: ledger first, then hook, pin, SIGTERM → wait → SIGKILL through the
+//! pin, and verification that the memory came back. Blocking; runs on a thread of its own.
+use std::{
+    os::fd::OwnedFd,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rustix::{
+    event::{PollFd, PollFlags, Timespec, poll},
+    process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal},
+};
+
+use super::{
+    breaker::Breaker,
+    hook,
+    policy::{self, Untouchable},
+};
+use crate::{
+    clock,
+    config::Config,
+    gpu::{GpuInventory, Inventory, NvmlStatus, ProcStat},
+    ledger::{Action, Decision, Ledger, Outcome, Resolution},
+    model::ProcId,
+    reconcile::Assessment,
+};
+
+/// How long a process gets to die after SIGKILL before the reclaim counts as failed.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long NVML gets to stop listing a dead holder and give the memory back.
+const VERIFY_WAIT: Duration = Duration::from_secs(5);
+
+/// An orphan to reclaim, with the facts the ledger and the policy need.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub assessment: Assessment,
+    pub exe: Option<PathBuf>,
+    pub cgroup: String,
+}
+
+/// What became of a job.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub id: ProcId,
+    pub outcome: Outcome,
+    pub ledger_id: Option<i64>,
+    pub bytes_freed: Option<u64>,
+    pub time_to_reclaim: Option<Duration>,
+}
+
+pub struct Executor {
+    cfg: Arc<Config>,
+    ledger: Arc<Mutex<Ledger>>,
+    gpu: GpuInventory,
+    breaker: Breaker,
+    never: Untouchable,
+}
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Wall-clock ms of a CLOCK_MONOTONIC instant in the past.
+pub fn mono_to_unix_ms(mono_ns: u64) -> i64 {
+    let ago = clock::monotonic_ns().saturating_sub(mono_ns) / 1_000_000;
+    unix_ms() - ago as i64
+}
+
+/// The ledger row for a decision about `a`.
+pub fn decision(a: &Assessment, cgroup: &str, action: Action, reason: String) -> Decision {
+    let kinds: Vec<&str> = a.sessions.iter().map(|s| s.kind).collect();
+    let keys: Vec<&str> = a.sessions.iter().map(|s| s.key.as_str()).collect();
+    let mut uuids: Vec<&str> = a
+        .holder
+        .memory
+        .iter()
+        .map(|m| m.device_uuid.as_str())
+        .collect();
+    uuids.dedup();
+    Decision {
+        time_ms: unix_ms(),
+        service: a.service.clone().unwrap_or_default(),
+        session_kind: kinds.first().copied().unwrap_or("process").to_owned(),
+        session_key: keys.join(","),
+        death_cause: a
+            .death
+            .as_ref()
+            .map(|d| d.cause.clone())
+            .unwrap_or_default(),
+        death_time_ms: a.death.as_ref().map(|d| mono_to_unix_ms(d.at)),
+        pid: a.id.pid,
+        start_time: a.id.start_time,
+        comm: a.holder.comm.clone().unwrap_or_default(),
+        cgroup: cgroup.to_owned(),
+        gpu_uuid: uuids.join(","),
+        bytes: (!a.holder.memory.is_empty() && !a.holder.bytes_unknown())
+            .then(|| a.holder.known_bytes()),
+        action,
+        reason,
+    }
+}
+
+/// Why a pin could not be made.
+enum PinError {
+    /// The process is gone (or its pid now belongs to another process).
+    Gone,
+    Other(std::io::Error),
+}
+
+/// Opens a pidfd for `id` and checks that it is that process and not a reused pid: after
+/// the open, the pidfd refers to one process for good, so a matching start time read after
+/// the open proves the right one was pinned (invariant 2).
+fn pin(id: ProcId) -> Result<OwnedFd, PinError> {
+    let pid = Pid::from_raw(id.pid as i32).ok_or(PinError::Gone)?;
+    let fd = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| match e {
+        rustix::io::Errno::SRCH => PinError::Gone,
+        e => PinError::Other(e.into()),
+    })?;
+    match ProcStat::read(std::path::Path::new("/proc"), id.pid) {
+        Some(s) if s.start_time == id.start_time && !s.is_zombie() => Ok(fd),
+        _ => Err(PinError::Gone),
+    }
+}
+
+/// Waits until the pinned process exits, at most `limit`.
+fn wait_exit(fd: &OwnedFd, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) => return false,
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The devices whose memory should drop when the holder goes: those NVML lists it on, else
+/// those its `/dev/nvidia<N>` fds name, else (only control or test device files) all of them.
+fn devices_of(a: &Assessment, inv: &Inventory) -> Vec<String> {
+    let listed: Vec<String> = a
+        .holder
+        .memory
+        .iter()
+        .map(|m| m.device_uuid.clone())
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    let by_fd: Vec<String> = inv
+        .devices
+        .iter()
+        .filter(|d| {
+            d.minor
+                .is_some_and(|m| a.holder.fds.iter().any(|f| f.minor == Some(m)))
+        })
+        .map(|d| d.uuid.clone())
+        .collect();
+    if !by_fd.is_empty() {
+        return by_fd;
+    }
+    inv.devices.iter().map(|d| d.uuid.clone()).collect()
+}
+
+/// Device used bytes for the devices a holder used, by UUID.
+fn used_of(inv: &Inventory, uuids: &[String]) -> Option<u64> {
+    if !matches!(inv.nvml, NvmlStatus::Available { .. }) {
+        return None;
+    }
+    Some(
+        inv.devices
+            .iter()
+            .filter(|d| uuids.contains(&d.uuid))
+            .map(|d| d.used_bytes)
+            .sum(),
+    )
+}
+
+impl Executor {
+    pub fn new(
+        cfg: Arc<Config>,
+        ledger: Arc<Mutex<Ledger>>,
+        gpu: GpuInventory,
+        never: Untouchable,
+    ) -> Self {
+        let breaker = Breaker::new(cfg.policy.max_reclaims_per_minute);
+        Self {
+            cfg,
+            ledger,
+            gpu,
+            breaker,
+            never,
+        }
+    }
+
+    pub fn breaker_tripped(&self) -> bool {
+        self.breaker.is_tripped()
+    }
+
+    fn record(&self, d: &Decision) -> Option<i64> {
+        let ledger = self.ledger.lock().ok()?;
+        match ledger.record_decision(d) {
+            Ok(id) => Some(id),
+            Err(error) => {
+                tracing::error!(%error, pid = d.pid, "ledger write failed: not acting");
+                None
+            }
+        }
+    }
+
+    fn resolve(&self, ledger_id: i64, r: &Resolution) {
+        match self.ledger.lock() {
+            Ok(l) => {
+                if let Err(error) = l.resolve(ledger_id, r) {
+                    tracing::error!(%error, ledger_id, "ledger resolve failed");
+                }
+            }
+            Err(_) => tracing::error!(ledger_id, "ledger lock poisoned"),
+        }
+    }
+
+    pub fn handle(&mut self, job: Job) -> Done {
+        let a = &job.assessment;
+        let span = tracing::info_span!(
+            "reclaim",
+            pid = a.id.pid,
+            service = a.service.as_deref().unwrap_or("")
+        );
+        let _enter = span.enter();
+        let mut done = Done {
+            id: a.id,
+            outcome: Outcome::Skipped,
+            ledger_id: None,
+            bytes_freed: None,
+            time_to_reclaim: None,
+        };
+        let refusal = policy::screen(
+            &a.holder,
+            job.exe.as_deref(),
+            a.service.as_deref(),
+            &self.cfg,
+            &self.never,
+        );
+        if let Err(r) = refusal {
+            tracing::info!(reason = %r.reason(), "orphan not reclaimed");
+            done.ledger_id = self.record(&decision(a, &job.cgroup, Action::Skip, r.reason()));
+            return done;
+        }
+        if !self.breaker.allow(Instant::now()) {
+            done.ledger_id = self.record(&decision(
+                a,
+                &job.cgroup,
+                Action::Skip,
+                "breaker tripped".to_owned(),
+            ));
+            return done;
+        }
+        let reason = format!(
+            "orphaned: every session dead for >= {:?} ({})",
+            a.grace,
+            a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("")
+        );
+        // Invariant 3: nothing happens that the ledger does not hold first.
+        let Some(ledger_id) = self.record(&decision(a, &job.cgroup, Action::Reclaim, reason))
+        else {
+            done.outcome = Outcome::Failed;
+            return done;
+        };
+        done.ledger_id = Some(ledger_id);
+        let resolution = self.act(&job);
+        done.outcome = resolution.outcome;
+        done.bytes_freed = resolution.bytes_freed;
+        done.time_to_reclaim = resolution
+            .time_to_reclaim_ms
+            .map(|ms| Duration::from_millis(ms.max(0) as u64));
+        tracing::info!(outcome = resolution.outcome.as_str(), detail = %resolution.detail,
+            bytes_freed = ?resolution.bytes_freed, time_to_reclaim_ms = ?resolution.time_to_reclaim_ms,
+            "reclaim finished");
+        self.resolve(ledger_id, &resolution);
+        done
+    }
+
+    fn act(&mut self, job: &Job) -> Resolution {
+        let a = &job.assessment;
+        let mut detail: Vec<String> = Vec::new();
+        let resolution = |outcome, detail: &[String]| Resolution {
+            outcome,
+            bytes_freed: None,
+            time_to_reclaim_ms: None,
+            detail: detail.join("; "),
+            time_ms: unix_ms(),
+        };
+        if let Some(hook) = a
+            .service
+            .as_deref()
+            .and_then(|s| self.cfg.service(s))
+            .and_then(|s| s.hook.clone().map(|h| (h, s.hook_timeout)))
+        {
+            let env = [
+                ("RECLAIMD_SERVICE", a.service.clone().unwrap_or_default()),
+                ("RECLAIMD_PID", a.id.pid.to_string()),
+                ("RECLAIMD_COMM", a.holder.comm.clone().unwrap_or_default()),
+                (
+                    "RECLAIMD_SESSION",
+                    a.sessions
+                        .iter()
+                        .map(|s| format!("{}:{}", s.kind, s.key))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                (
+                    "RECLAIMD_DEATH_CAUSE",
+                    a.death
+                        .as_ref()
+                        .map(|d| d.cause.clone())
+                        .unwrap_or_default(),
+                ),
+                ("RECLAIMD_BYTES", a.holder.known_bytes().to_string()),
+            ];
+            detail.push(hook::run(&hook.0, &env, hook.1));
+        }
+        let fd = match pin(a.id) {
+            Ok(fd) => fd,
+            Err(PinError::Gone) => {
+                detail.push("exited before any signal".to_owned());
+                return resolution(Outcome::Released, &detail);
+            }
+            Err(PinError::Other(e)) => {
+                detail.push(format!("pidfd_open failed: {e}"));
+                return resolution(Outcome::Failed, &detail);
+            }
+        };
+        // Invariant 7: only while it holds a device file.
+        if self.gpu.device_files().of_pid(a.id.pid).is_empty() {
+            detail.push("holds no GPU device file any more".to_owned());
+            return resolution(Outcome::Released, &detail);
+        }
+        let before_inv = self.gpu.snapshot();
+        let uuids = devices_of(a, &before_inv);
+        let before = used_of(&before_inv, &uuids);
+
+        let t0 = Instant::now();
+        if let Err(e) = pidfd_send_signal(&fd, Signal::TERM) {
+            detail.push(format!("SIGTERM failed: {e}"));
+            return resolution(
+                if e == rustix::io::Errno::SRCH {
+                    Outcome::Released
+                } else {
+                    Outcome::Failed
+                },
+                &detail,
+            );
+        }
+        detail.push("SIGTERM".to_owned());
+        if wait_exit(&fd, self.cfg.policy.term_grace) {
+            detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
+        } else {
+            let _ = pidfd_send_signal(&fd, Signal::KILL);
+            detail.push(format!(
+                "SIGKILL after {} ms",
+                self.cfg.policy.term_grace.as_millis()
+            ));
+            if !wait_exit(&fd, KILL_WAIT) {
+                detail.push("still alive after SIGKILL (uninterruptible sleep?)".to_owned());
+                return resolution(Outcome::Failed, &detail);
+            }
+            detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
+        }
+
+        // Verification: NVML stops listing it and the device memory drops.
+        let deadline = Instant::now() + VERIFY_WAIT;
+        let (still_listed, after) = loop {
+            let inv = self.gpu.snapshot();
+            let listed = inv
+                .holders
+                .get(&a.id.pid)
+                .is_some_and(|h| !h.memory.is_empty());
+            let after = used_of(&inv, &uuids);
+            let dropped = match (before, after) {
+                (Some(b), Some(x)) => x < b || uuids.is_empty(),
+                _ => true,
+            };
+            if (!listed && dropped) || Instant::now() >= deadline {
+                break (listed, after);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut r = resolution(Outcome::Reclaimed, &detail);
+        r.time_to_reclaim_ms = a
+            .death
+            .as_ref()
+            .map(|d| (clock::monotonic_ns().saturating_sub(d.at) / 1_000_000) as i64);
+        match (before, after) {
+            (Some(b), Some(x)) => r.bytes_freed = Some(b.saturating_sub(x)),
+            _ => detail.push("NVML unavailable: memory not verified".to_owned()),
+        }
+        if still_listed {
+            detail.push("NVML still lists it after exit".to_owned());
+            r.outcome = Outcome::Failed;
+        } else if r.bytes_freed == Some(0) && !a.holder.memory.is_empty() {
+            detail.push("device memory did not drop".to_owned());
+            r.outcome = Outcome::Failed;
+        } else if r.bytes_freed == Some(0) {
+            // NVML never attributed memory to it: gone, but nothing measurable came back.
+            detail.push("gone; no memory was attributed to it and none came back".to_owned());
+        } else {
+            detail.push("verified: NVML no longer lists it".to_owned());
+        }
+        r.detail = detail.join("; ");
+        r
+    }
+}

@@ -1,0 +1,223 @@
+//! Joins the session model with a GPU inventory: a verdict per holder. Pure: what it needs
+//! from /proc (a holder's connections) is passed in.
+use std::{collections::HashMap, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    gpu::{Holder, Inventory},
+    model::{BoundSession, ConnKey, Death, Model, Ns, ProcId},
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Some session it is bound to lives.
+    Live,
+    /// Every bound session is dead, for less than the grace period.
+    Pending { remaining: Duration },
+    /// Every bound session has been dead for longer than the grace period.
+    Orphan,
+    /// Outside every service: observed and reported, never acted on.
+    Unmanaged,
+    /// NVML lists it but /proc does not show it holding a device file: never acted on.
+    Untrusted,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Assessment {
+    pub id: ProcId,
+    pub holder: Holder,
+    pub service: Option<String>,
+    pub sessions: Vec<BoundSession>,
+    /// When every bound session is dead: the latest death, which starts the grace period.
+    pub death: Option<Death>,
+    /// Grace after memory pressure is applied.
+    pub grace: Duration,
+    /// Highest used/total over the devices the holder uses.
+    pub pressure: f64,
+    pub verdict: Verdict,
+}
+
+/// Grace under memory pressure: halved above `soft`, none above `hard`.
+pub fn effective_grace(grace: Duration, pressure: f64, soft: f64, hard: f64) -> Duration {
+    if pressure >= hard {
+        Duration::ZERO
+    } else if pressure >= soft {
+        grace / 2
+    } else {
+        grace
+    }
+}
+
+fn pressure_of(holder: &Holder, inv: &Inventory) -> f64 {
+    inv.devices
+        .iter()
+        .filter(|d| {
+            holder.memory.iter().any(|m| m.device_uuid == d.uuid)
+                || holder
+                    .fds
+                    .iter()
+                    .any(|f| f.minor.is_some() && f.minor == d.minor)
+        })
+        .filter(|d| d.total_bytes > 0)
+        .map(|d| d.used_bytes as f64 / d.total_bytes as f64)
+        .fold(0.0, f64::max)
+}
+
+/// Verdicts for every holder of `inv`. `conns` gives the TCP connections each pid holds.
+pub fn assess(
+    model: &mut Model,
+    cfg: &Config,
+    inv: &Inventory,
+    conns: &HashMap<u32, Vec<ConnKey>>,
+    now: Ns,
+) -> Vec<Assessment> {
+    let mut out = Vec::with_capacity(inv.holders.len());
+    for holder in inv.holders.values() {
+        let pressure = pressure_of(holder, inv);
+        // A holder with no service or no trustworthy identity gets a verdict and nothing else.
+        let bare = |id, verdict| Assessment {
+            id,
+            holder: holder.clone(),
+            service: None,
+            sessions: Vec::new(),
+            death: None,
+            grace: Duration::ZERO,
+            pressure,
+            verdict,
+        };
+        let (Some(start_time), true) = (holder.start_time, holder.status.actionable()) else {
+            let id = ProcId {
+                pid: holder.pid,
+                start_time: holder.start_time.unwrap_or(0),
+            };
+            out.push(bare(id, Verdict::Untrusted));
+            continue;
+        };
+        let id = ProcId {
+            pid: holder.pid,
+            start_time,
+        };
+        let Some(binding) = model.bind(id) else {
+            out.push(bare(id, Verdict::Unmanaged));
+            continue;
+        };
+        let no_conns = Vec::new();
+        let sessions =
+            model.bound_sessions(&binding, conns.get(&holder.pid).unwrap_or(&no_conns), now);
+        let base = cfg
+            .service(&binding.service)
+            .map(|s| cfg.grace_of(s))
+            .unwrap_or(cfg.policy.grace);
+        let grace = effective_grace(base, pressure, cfg.policy.soft, cfg.policy.hard);
+        let all_dead = !sessions.is_empty() && sessions.iter().all(|s| s.death.is_some());
+        let death = if all_dead {
+            sessions
+                .iter()
+                .filter_map(|s| s.death.clone())
+                .max_by_key(|d| d.at)
+        } else {
+            None
+        };
+        let verdict = match &death {
+            None => Verdict::Live,
+            Some(d) => {
+                let dead_for = Duration::from_nanos(now.saturating_sub(d.at));
+                if dead_for >= grace {
+                    Verdict::Orphan
+                } else {
+                    Verdict::Pending {
+                        remaining: grace - dead_for,
+                    }
+                }
+            }
+        };
+        out.push(Assessment {
+            id,
+            holder: holder.clone(),
+            service: Some(binding.service),
+            sessions,
+            death,
+            grace,
+            pressure,
+            verdict,
+        });
+    }
+    out
+}
+
+/// Orphans in the order they may be reclaimed: leaves first, so that reclaiming never makes
+/// a new orphan (invariant 8). Depth in the parent chain among the orphans decides (pids can
+/// wrap, start times can tie); among unrelated ones, later start times first.
+pub fn leaves_first(orphans: &mut [Assessment]) {
+    let parent: HashMap<u32, u32> = orphans
+        .iter()
+        .filter_map(|a| a.holder.ppid.map(|pp| (a.id.pid, pp)))
+        .collect();
+    let depth = |pid: u32| {
+        let mut d = 0usize;
+        let mut at = pid;
+        // Bounded by the set's size: a cycle (pid reuse mid-scan) cannot loop for ever.
+        while let Some(&pp) = parent.get(&at) {
+            if d > parent.len() {
+                break;
+            }
+            d += 1;
+            at = pp;
+        }
+        d
+    };
+    orphans.sort_by_cached_key(|a| {
+        (
+            std::cmp::Reverse(depth(a.id.pid)),
+            std::cmp::Reverse(a.id.start_time),
+            std::cmp::Reverse(a.id.pid),
+        )
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_shrinks_under_pressure() {
+        let g = Duration::from_secs(10);
+        assert_eq!(effective_grace(g, 0.5, 0.75, 0.9), g);
+        assert_eq!(effective_grace(g, 0.75, 0.75, 0.9), Duration::from_secs(5));
+        assert_eq!(effective_grace(g, 0.95, 0.75, 0.9), Duration::ZERO);
+    }
+
+    fn orphan(pid: u32, ppid: u32, start_time: u64) -> Assessment {
+        let mut holder = crate::gpu::Holder::unseen(pid);
+        holder.ppid = Some(ppid);
+        Assessment {
+            id: ProcId { pid, start_time },
+            holder,
+            service: None,
+            sessions: Vec::new(),
+            death: None,
+            grace: Duration::ZERO,
+            pressure: 0.0,
+            verdict: Verdict::Orphan,
+        }
+    }
+
+    #[test]
+    fn children_go_before_their_parents() {
+        // 300 → 20 (pid wrapped) → 7, all started in the same tick, plus an unrelated 50.
+        let mut v = vec![
+            orphan(300, 1, 100),
+            orphan(50, 1, 90),
+            orphan(7, 20, 100),
+            orphan(20, 300, 100),
+        ];
+        leaves_first(&mut v);
+        let order: Vec<u32> = v.iter().map(|a| a.id.pid).collect();
+        let pos = |p| order.iter().position(|&x| x == p).unwrap();
+        assert!(pos(7) < pos(20) && pos(20) < pos(300), "{order:?}");
+        assert_eq!(order.len(), 4);
+    }
+}

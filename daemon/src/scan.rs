@@ -1,0 +1,196 @@
+//! Reads /proc for the model: process facts, and the TCP connections behind a process's
+//! socket fds (`/proc/<pid>/fd` → socket inode → `/proc/net/tcp{,6}`).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    gpu::ProcStat,
+    model::{ConnKey, ProcFacts},
+};
+
+/// The process's cgroup v2 path (`0::/path`), or the first hierarchy's path on v1.
+pub fn cgroup_of(proc_root: &Path, pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .or_else(|| text.lines().next())?;
+    Some(line.splitn(3, ':').nth(2)?.to_owned())
+}
+
+pub fn facts(proc_root: &Path, pid: u32) -> Option<ProcFacts> {
+    let stat = ProcStat::read(proc_root, pid)?;
+    if stat.is_zombie() {
+        return None;
+    }
+    Some(ProcFacts {
+        pid,
+        ppid: stat.ppid,
+        start_time: stat.start_time,
+        comm: stat.comm,
+        exe: std::fs::read_link(proc_root.join(pid.to_string()).join("exe")).ok(),
+        cgroup: cgroup_of(proc_root, pid),
+    })
+}
+
+/// Facts of every live process.
+pub fn all_facts(proc_root: &Path) -> Vec<ProcFacts> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| facts(proc_root, pid))
+        .collect()
+}
+
+/// Inodes of the sockets `pid` holds open.
+pub fn socket_inodes(proc_root: &Path, pid: u32) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A TCP socket from `/proc/net/tcp{,6}`: its connection and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub key: ConnKey,
+    pub state: u8,
+}
+
+/// Every TCP socket of this network namespace, by inode.
+pub fn tcp_sockets(proc_root: &Path) -> HashMap<u64, TcpSocket> {
+    let mut out = HashMap::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let path: PathBuf = proc_root.join("net").join(file);
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        out.extend(text.lines().skip(1).filter_map(|l| parse_tcp_line(l, v6)));
+    }
+    out
+}
+
+/// `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
+fn parse_tcp_line(line: &str, v6: bool) -> Option<(u64, TcpSocket)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let local = parse_endpoint(f.get(1)?, v6)?;
+    let remote = parse_endpoint(f.get(2)?, v6)?;
+    let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+    let inode = f.get(9)?.parse().ok()?;
+    Some((
+        inode,
+        TcpSocket {
+            key: ConnKey { local, remote },
+            state,
+        },
+    ))
+}
+
+/// `0100007F:1F40` (IPv4, the address as a little-endian word) or 32 hex digits of four
+/// little-endian words (IPv6), then the port.
+fn parse_endpoint(s: &str, v6: bool) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = if v6 {
+        if addr.len() != 32 {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+            let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        let word = u32::from_str_radix(addr, 16).ok()?;
+        IpAddr::V4(Ipv4Addr::from(word.to_le_bytes()))
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The TCP connections behind `pid`'s socket fds.
+pub fn connections_of(proc_root: &Path, pid: u32, table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
+    socket_inodes(proc_root, pid)
+        .iter()
+        .filter_map(|i| table.get(i))
+        .map(|s| s.key.clone())
+        .collect()
+}
+
+/// This process and its ancestors, which reclaimd never signals.
+pub fn self_and_ancestors(proc_root: &Path) -> Vec<u32> {
+    let mut out = vec![std::process::id()];
+    let mut cur = std::process::id();
+    for _ in 0..64 {
+        match ProcStat::read(proc_root, cur) {
+            Some(s) if s.ppid != 0 && s.ppid != cur => {
+                out.push(s.ppid);
+                cur = s.ppid;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp_lines() {
+        let v4 = "   0: 0100007F:1F40 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 20 4 30 10 -1";
+        let (inode, s) = parse_tcp_line(v4, false).unwrap();
+        assert_eq!(inode, 123456);
+        assert_eq!(s.state, 1);
+        assert_eq!(s.key.local, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(s.key.remote, "127.0.0.1:50000".parse().unwrap());
+        let v6 = "   0: 00000000000000000000000001000000:1F40 00000000000000000000000001000000:C350 08 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1";
+        let (inode, s) = parse_tcp_line(v6, true).unwrap();
+        assert_eq!(inode, 777);
+        assert_eq!(s.state, 8);
+        assert_eq!(s.key.local, "[::1]:8000".parse().unwrap());
+        assert!(parse_tcp_line("garbage", false).is_none());
+    }
+
+    #[test]
+    fn finds_own_connection_through_its_fd() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let proc_root = Path::new("/proc");
+        let conns = connections_of(proc_root, std::process::id(), &tcp_sockets(proc_root));
+        let want = ConnKey {
+            local: client.local_addr().unwrap(),
+            remote: listener.local_addr().unwrap(),
+        };
+        assert!(conns.contains(&want), "{want:?} not in {conns:?}");
+    }
+
+    #[test]
+    fn own_facts_and_ancestry() {
+        let f = facts(Path::new("/proc"), std::process::id()).unwrap();
+        assert!(f.start_time > 0);
+        assert!(f.exe.is_some());
+        assert!(f.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
+        let chain = self_and_ancestors(Path::new("/proc"));
+        assert_eq!(chain[0], std::process::id());
+        assert!(chain.contains(&1) || chain.len() > 1);
+    }
+}

@@ -1,0 +1,378 @@
+//! `reclaimd run` end to end: real eBPF programs in this kernel, real processes holding
+//! (fake) GPU device files, the fake NVML library, and the ledger. Root only.
+use std::{net::TcpStream, process::Command, time::Duration};
+
+use reclaimd::ledger::{Action, Outcome};
+use reclaimd_tests::{
+    Daemon, FakeGpu, Workload, alive, ledger_records, reclaimd_bin, wait_for_record,
+};
+
+fn workload() -> String {
+    reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+const DEVICE: &str = "device 0 GPU-e2e 16384 Fake H100";
+const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
+
+/// A service server with one GPU worker listed in NVML with `mib`.
+struct Service {
+    server: Workload,
+    worker: u32,
+}
+
+fn start_service(gpu: &FakeGpu, name: &str, mib: u64, extra: &[&str]) -> Service {
+    let device = gpu.device_file(0);
+    let mut args = vec!["server", name, device.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = Workload::spawn(&workload(), &args);
+    let worker: u32 = server.line("worker").parse().unwrap();
+    let listed = if extra.contains(&"inherit") {
+        server.pid() // the driver lists the creator, not the child that inherited the fd
+    } else {
+        worker
+    };
+    gpu.set_state(&format!("{DEVICE}\nproc 0 {listed} {mib} compute\n"));
+    Service { server, worker }
+}
+
+fn kill(pid: u32) {
+    // SAFETY: a process of this test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// Kills the server of `s` once a sweep has seen its holder; the worker's settled record.
+fn kill_server_and_wait(d: &Daemon, s: &Service) -> reclaimd::ledger::Record {
+    std::thread::sleep(Duration::from_millis(300));
+    kill(s.server.pid());
+    wait_for_record(&d.ledger, s.worker, WAIT)
+}
+
+/// Waits for `pid` to be gone, at most `limit`.
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn enforce_reclaims_the_worker_of_a_killed_server() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let s = start_service(&gpu, "llm-server", 2048, &[]);
+    let r = kill_server_and_wait(&d, &s);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert!(!alive(s.worker));
+    let res = r.resolution.as_ref().unwrap();
+    assert_eq!(res.bytes_freed, Some(2048 << 20));
+    assert!(res.time_to_reclaim_ms.is_some_and(|ms| ms >= 0), "{res:?}");
+    assert!(res.detail.contains("SIGTERM"), "{res:?}");
+    assert!(res.detail.contains("verified"), "{res:?}");
+    assert_eq!(r.decision.service, "llm");
+    assert_eq!(r.decision.session_kind, "process");
+    assert_eq!(r.decision.comm, "gpu-worker");
+    assert_eq!(r.decision.gpu_uuid, "GPU-e2e");
+    assert_eq!(r.decision.bytes, Some(2048 << 20));
+    assert_eq!(r.decision.death_cause, "killed by signal 9");
+    assert!(
+        r.decision.cgroup.starts_with('/'),
+        "{:?}",
+        r.decision.cgroup
+    );
+    let _ = s.server.finish();
+    d.stop();
+}
+
+#[test]
+fn report_mode_records_and_signals_nothing() {
+    let gpu = FakeGpu::new(DEVICE);
+    // Report is the default: no mode line at all.
+    let d = Daemon::start(&gpu, "grace = \"0s\"", LLM);
+    let s = start_service(&gpu, "llm-server", 512, &[]);
+    let r = kill_server_and_wait(&d, &s);
+    assert_eq!(r.outcome, Outcome::Skipped);
+    assert_eq!(r.decision.action, Action::Skip);
+    assert_eq!(r.decision.reason, "report mode");
+    std::thread::sleep(Duration::from_millis(600)); // several sweeps
+    assert!(alive(s.worker), "report mode signalled the worker");
+    assert_eq!(
+        ledger_records(&d.ledger).len(),
+        1,
+        "decided once, not once per sweep"
+    );
+    d.stop();
+    let _ = s.server.finish();
+}
+
+#[test]
+fn a_child_holding_an_inherited_handle_is_reclaimed_not_its_dead_creator() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let s = start_service(&gpu, "llm-server", 1024, &["inherit"]);
+    let server_pid = s.server.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    // From here the driver lists no one (the creator is dying; the child is not mapped),
+    // and the memory stays held through the worker's inherited fd until it exits.
+    gpu.set_state(&format!(
+        "{DEVICE}\nunattributed 0 1024 while {}\n",
+        s.worker
+    ));
+    kill(server_pid);
+    let r = wait_for_record(&d.ledger, s.worker, WAIT);
+    assert!(!alive(s.worker));
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert_eq!(
+        r.resolution.as_ref().unwrap().bytes_freed,
+        Some(1024 << 20),
+        "{r:#?}"
+    );
+    assert!(
+        ledger_records(&d.ledger)
+            .iter()
+            .all(|r| r.decision.pid != server_pid),
+        "nothing may be decided about the dead creator's pid"
+    );
+    d.stop();
+    let _ = s.server.finish();
+}
+
+#[test]
+fn a_worker_ignoring_sigterm_gets_sigkill() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(
+        &gpu,
+        "mode = \"enforce\"\ngrace = \"0s\"\nterm_grace = \"300ms\"",
+        LLM,
+    );
+    let s = start_service(&gpu, "llm-server", 256, &["ignore-term"]);
+    let r = kill_server_and_wait(&d, &s);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    let detail = &r.resolution.unwrap().detail;
+    assert!(detail.contains("SIGKILL"), "{detail}");
+    assert!(!alive(s.worker));
+    d.stop();
+    let _ = s.server.finish();
+}
+
+#[test]
+fn a_worker_that_lets_go_by_itself_is_released_not_reclaimed() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"3s\"", LLM);
+    let s = start_service(&gpu, "llm-server", 256, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    kill(s.server.pid());
+    std::thread::sleep(Duration::from_millis(400));
+    let worker = s.worker;
+    let _ = s.server.finish(); // closes stdin: the worker exits within the grace period
+    assert!(gone_within(worker, WAIT));
+    let r = wait_for_record(&d.ledger, worker, WAIT);
+    assert_eq!(r.outcome, Outcome::Released, "{r:#?}");
+    assert_eq!(r.decision.action, Action::None);
+    d.stop();
+}
+
+#[test]
+fn outsiders_and_protected_holders_are_never_signalled() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(
+        &gpu,
+        "mode = \"enforce\"\ngrace = \"0s\"\nprotect = [\"gpu-worker\"]",
+        LLM,
+    );
+    // Protected: a real orphan of the service, on the protect list.
+    let s = start_service(&gpu, "llm-server", 256, &[]);
+    // Outsider: holds a device file and NVML memory, belongs to no service.
+    let outsider = Workload::spawn(&workload(), &["hold", gpu.device_file(0).to_str().unwrap()]);
+    outsider.line("holding");
+    gpu.set_state(&format!(
+        "{DEVICE}\nproc 0 {} 256 compute\nproc 0 {} 128 compute\n",
+        s.worker,
+        outsider.pid()
+    ));
+    let r = kill_server_and_wait(&d, &s);
+    assert_eq!(r.outcome, Outcome::Skipped);
+    assert_eq!(r.decision.reason, "protected (gpu-worker)");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(alive(s.worker));
+    assert!(alive(outsider.pid()));
+    assert!(
+        ledger_records(&d.ledger)
+            .iter()
+            .all(|r| r.decision.pid != outsider.pid()),
+        "an outsider is observed, never decided about"
+    );
+    d.stop();
+    let _ = s.server.finish();
+    let _ = outsider.finish();
+}
+
+#[test]
+fn the_breaker_trips_on_a_flood() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(
+        &gpu,
+        "mode = \"enforce\"\ngrace = \"0s\"\nmax_reclaims_per_minute = 2",
+        LLM,
+    );
+    let services: Vec<Service> = (0..4)
+        .map(|_| start_service(&gpu, "llm-server", 64, &[]))
+        .collect();
+    let state: String = services
+        .iter()
+        .map(|s| format!("proc 0 {} 64 compute\n", s.worker))
+        .collect();
+    gpu.set_state(&format!("{DEVICE}\n{state}"));
+    std::thread::sleep(Duration::from_millis(300));
+    for s in &services {
+        kill(s.server.pid());
+    }
+    let records: Vec<_> = services
+        .iter()
+        .map(|s| wait_for_record(&d.ledger, s.worker, WAIT))
+        .collect();
+    let reclaimed = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Reclaimed)
+        .count();
+    let tripped: Vec<_> = records
+        .iter()
+        .filter(|r| r.decision.reason == "breaker tripped")
+        .collect();
+    assert_eq!(reclaimed, 2, "{records:#?}");
+    assert_eq!(tripped.len(), 2, "{records:#?}");
+    for r in tripped {
+        assert!(alive(r.decision.pid), "a tripped breaker signals nothing");
+    }
+    let mut d = d;
+    d.wait_log("breaker tripped", WAIT);
+    d.stop();
+    for s in services {
+        let _ = s.server.finish();
+    }
+}
+
+#[test]
+fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
+    let gpu = FakeGpu::new(DEVICE);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start(
+        &gpu,
+        "mode = \"enforce\"\ngrace = \"0s\"",
+        &format!(
+            "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
+             ports = [{port}]\nscope = \"connection\"\n"
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let server = Workload::spawn(
+        &workload(),
+        &[
+            "conn-server",
+            "api-server",
+            &addr,
+            gpu.device_file(0).to_str().unwrap(),
+        ],
+    );
+    server.line("listening");
+    let stay = TcpStream::connect(&addr).unwrap();
+    let w_stay: u32 = server
+        .line("worker")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let leave = TcpStream::connect(&addr).unwrap();
+    let w_leave: u32 = server
+        .line("worker")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    gpu.set_state(&format!(
+        "{DEVICE}\nproc 0 {w_stay} 100 compute\nproc 0 {w_leave} 200 compute\n"
+    ));
+    std::thread::sleep(Duration::from_millis(400));
+    drop(leave);
+    let r = wait_for_record(&d.ledger, w_leave, WAIT);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert_eq!(r.decision.session_kind, "connection");
+    assert!(r.decision.death_cause.contains("CLOSE_WAIT"), "{r:#?}");
+    assert_eq!(r.resolution.unwrap().bytes_freed, Some(200 << 20));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(alive(w_stay), "the worker of a live connection is kept");
+    assert!(alive(server.pid()), "the server is never an orphan");
+    assert!(
+        ledger_records(&d.ledger)
+            .iter()
+            .all(|r| r.decision.pid != w_stay)
+    );
+    drop(stay);
+    d.stop();
+    // The workers share the server's stdout: end them first, or finish() waits for EOF.
+    kill(w_stay);
+    kill(server.pid());
+    let _ = server.finish();
+}
+
+#[test]
+fn after_a_restart_orphans_are_found_again_and_the_ledger_is_kept() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    // A first reclaim, so the ledger has a record before the crash.
+    let first = start_service(&gpu, "llm-server", 64, &[]);
+    let r = kill_server_and_wait(&d, &first);
+    assert_eq!(r.outcome, Outcome::Reclaimed);
+    let _ = first.server.finish();
+
+    // A second service is seen (and its lineage remembered), then the daemon dies.
+    let s = start_service(&gpu, "llm-server", 128, &[]);
+    std::thread::sleep(Duration::from_millis(600));
+    let (config, ledger) = (d.config.clone(), d.ledger.clone());
+    d.kill9();
+    // While reclaimd is down, the server dies: its worker is reparented.
+    kill(s.server.pid());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(s.worker));
+
+    let d = Daemon::start_with(config, ledger);
+    let r = wait_for_record(&d.ledger, s.worker, WAIT);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert!(!alive(s.worker));
+    let all = ledger_records(&d.ledger);
+    assert!(
+        all.iter()
+            .any(|r| r.decision.pid == first.worker && r.outcome == Outcome::Reclaimed)
+    );
+    d.stop();
+    let _ = s.server.finish();
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_key_and_line() {
+    let dir = reclaimd_tests::TempDir::new("bad-config");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[policy]\nmode = \"enforce\"\ngrace = \"soon\"\n").unwrap();
+    let out = Command::new(reclaimd_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.grace") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
