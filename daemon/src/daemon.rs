@@ -152,6 +152,8 @@ impl Core {
                     self.model.observe_conn(sock.key.clone(), sock.state, now);
                 }
             }
+            let present: HashSet<&ConnKey> = table.values().map(|sock| &sock.key).collect();
+            self.model.observe_conns_gone(&present, s.started);
         }
         // Bindings remembered before a restart come back before anything is decided.
         if let Ok(ledger) = self.ledger.lock() {
@@ -193,7 +195,8 @@ impl Core {
         }
         let live: HashSet<ProcId> = assessments
             .iter()
-            .filter(|a| a.verdict != Verdict::Untrusted)
+            // An exiting holder counts as gone: if it was dying, it let go by itself.
+            .filter(|a| !matches!(a.verdict, Verdict::Untrusted | Verdict::Exiting))
             .map(|a| a.id)
             .collect();
 
@@ -265,6 +268,15 @@ impl Core {
         let mut keep = live.clone();
         keep.extend(self.in_flight.iter().copied());
         self.model.prune(&keep, now);
+        let (procs, conns, pins) = self.model.sizes();
+        tracing::debug!(
+            procs,
+            conns,
+            pins,
+            holders = s.inventory.holders.len(),
+            dying = self.dying.len(),
+            "reconciled"
+        );
         self.decided.retain(|id| keep.contains(id));
         self.dying.retain(|id, _| keep.contains(id));
         if let Ok(ledger) = self.ledger.lock() {

@@ -188,6 +188,19 @@ impl Model {
         self.procs.len()
     }
 
+    /// Whether the kernel said this very process exited (its files may still be open: the
+    /// exit tracepoint fires before they close).
+    pub fn has_exited(&self, id: ProcId) -> bool {
+        self.procs
+            .get(&id.pid)
+            .is_some_and(|p| p.exited.is_some() && p.start_time == Some(id.start_time))
+    }
+
+    /// Table sizes (processes, connections, pinned holders), for logs and memory checks.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.procs.len(), self.conns.len(), self.pins.len())
+    }
+
     pub fn conns(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
@@ -322,6 +335,22 @@ impl Model {
             conn.death = Some(Death {
                 at: now,
                 cause: format!("found {}", tcp_state::name(state)),
+            });
+        }
+    }
+
+    /// After a full socket scan that started at `scan_start` and listed `present`: a live
+    /// connection known from before the scan and absent from it closed while its events were
+    /// lost (ring-buffer drops), so it is dead now (invariant 4).
+    pub fn observe_conns_gone(&mut self, present: &HashSet<&ConnKey>, scan_start: Ns) {
+        for c in self
+            .conns
+            .values_mut()
+            .filter(|c| c.death.is_none() && c.opened_at < scan_start && !present.contains(&c.key))
+        {
+            c.death = Some(Death {
+                at: scan_start,
+                cause: "connection gone (closing events lost)".to_owned(),
             });
         }
     }
@@ -778,6 +807,43 @@ mod tests {
         let s = m.bound_sessions(&b, &[], 6);
         assert_eq!(s[0].kind, "process");
         assert!(s[0].death.is_none());
+    }
+
+    #[test]
+    fn an_exit_names_one_process_not_a_reused_pid() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(&[facts(10, 1, 2, "server")], 1);
+        let first = ProcId {
+            pid: 10,
+            start_time: 2,
+        };
+        assert!(!m.has_exited(first));
+        m.apply(&exit(10, 5, ExitStatus::Code(0)));
+        assert!(m.has_exited(first));
+        // The pid comes back as another process: that one has not exited.
+        m.observe_procs(&[facts(10, 1, 9, "other")], 20);
+        assert!(!m.has_exited(ProcId {
+            pid: 10,
+            start_time: 9
+        }));
+    }
+
+    #[test]
+    fn a_connection_missing_from_a_full_scan_is_dead() {
+        use tcp_state::*;
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
+        m.apply(&tcp(0xb, 5001, SYN_RECV, ESTABLISHED, 0, 3));
+        m.apply(&tcp(0xc, 5002, SYN_RECV, ESTABLISHED, 0, 3));
+        // Opened after the scan began: absent from it proves nothing.
+        m.apply(&tcp(0xd, 5003, SYN_RECV, ESTABLISHED, 0, 20));
+        let still = key(5002);
+        m.observe_conns_gone(&[&still].into_iter().collect(), 10);
+        let dead: Vec<u16> = m
+            .conns()
+            .filter(|c| c.death.is_some())
+            .map(|c| c.key.remote.port())
+            .collect();
+        assert_eq!(dead, vec![5001]);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Verdict {
     Unmanaged,
     /// NVML lists it but /proc does not show it holding a device file: never acted on.
     Untrusted,
+    /// It is exiting by itself (exit seen, files not closed yet): never signalled.
+    Exiting,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,6 +102,10 @@ pub fn assess(
             pid: holder.pid,
             start_time,
         };
+        if model.has_exited(id) {
+            out.push(bare(id, Verdict::Exiting));
+            continue;
+        }
         let Some(binding) = model.bind(id) else {
             out.push(bare(id, Verdict::Unmanaged));
             continue;

@@ -19,12 +19,12 @@ fn built(env: &str, name: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/NAME
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(name))
-        .expect("target dir");
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> → target/<profile>/NAME
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} not built: run `cargo xtask test` (or `cargo build` first)",
@@ -386,10 +386,15 @@ impl Daemon {
 
     /// Starts the daemon on an existing config.
     pub fn start_with(config: PathBuf, ledger: PathBuf) -> Self {
+        Self::start_logging(config, ledger, "info")
+    }
+
+    /// Starts the daemon on an existing config with `RUST_LOG=rust_log`.
+    pub fn start_logging(config: PathBuf, ledger: PathBuf, rust_log: &str) -> Self {
         let mut child = Command::new(reclaimd_bin())
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

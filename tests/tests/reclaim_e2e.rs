@@ -135,7 +135,8 @@ fn a_child_holding_an_inherited_handle_is_reclaimed_not_its_dead_creator() {
         ledger_records(&d.ledger)
             .iter()
             .all(|r| r.decision.pid != server_pid),
-        "nothing may be decided about the dead creator's pid"
+        "nothing may be decided about the dead creator's pid: {:#?}",
+        ledger_records(&d.ledger)
     );
     d.stop();
     let _ = s.server.finish();
@@ -254,6 +255,37 @@ fn the_breaker_trips_on_a_flood() {
     for s in services {
         let _ = s.server.finish();
     }
+}
+
+#[test]
+fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
+    let gpu = FakeGpu::new(DEVICE);
+    let mut d = Daemon::start(
+        &gpu,
+        "mode = \"enforce\"\ngrace = \"0s\"\n\n[probe]\nring_bytes = 4096",
+        LLM,
+    );
+    let s = start_service(&gpu, "llm-server", 256, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    // With the daemon stopped, a flood fills the 4 KiB ring; the server's exit comes after
+    // it, so the kernel must drop that event: only the resync can see this death.
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGSTOP) };
+    let flood = Workload::spawn(&workload(), &["flood", "2000"]);
+    let _ = flood.finish();
+    kill(s.server.pid());
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) };
+    let r = wait_for_record(&d.ledger, s.worker, WAIT);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert!(
+        r.decision.death_cause.starts_with("gone"),
+        "the death must come from the scan, not an event: {r:#?}"
+    );
+    assert!(!alive(s.worker));
+    d.wait_log("kernel events lost", WAIT);
+    d.stop();
+    let _ = s.server.finish();
 }
 
 #[test]

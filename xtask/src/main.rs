@@ -47,6 +47,16 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings denied, the eBPF crate included.
     Lint,
+    /// Build (release), then measure as root: time-to-reclaim over many end-to-end runs and
+    /// the daemon's memory with many live sessions. Report under target/bench/.
+    Bench {
+        /// End-to-end reclaims to time.
+        #[arg(long, default_value_t = 300)]
+        runs: usize,
+        /// Live sessions (connections, then processes) for the memory measurement.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+    },
 }
 
 /// Debian packages the build and tests need (a C toolchain for linking and for -sys crates).
@@ -79,6 +89,18 @@ fn main() -> Result<()> {
         Cmd::Lint => {
             setup(&root)?;
             lint(&root)
+        }
+        Cmd::Bench { runs, sessions } => {
+            setup(&root)?;
+            build(&root, true)?;
+            step("bench");
+            run_cmd(
+                as_root(&root.join("target/release/bench"))
+                    .args(["--runs", &runs.to_string()])
+                    .args(["--sessions", &sessions.to_string()])
+                    .args(["--out".as_ref(), root.join("target/bench").as_os_str()])
+                    .env("FAKE_NVML_LIB", root.join("target/release/libnvidia_ml.so")),
+            )
         }
     }
 }

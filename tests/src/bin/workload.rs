@@ -256,6 +256,58 @@ fn main() {
                 }
             }
         }
+        // keep-conns NAME ADDR N: a service process named NAME that accepts N connections and
+        // keeps them all open, never reading; prints "accepted N", then waits for stdin.
+        "keep-conns" => {
+            let name = arg(&args, 2, "name");
+            let addr: SocketAddr = arg(&args, 3, "address").parse().expect("address");
+            let n: usize = arg(&args, 4, "count").parse().expect("count");
+            set_comm(&name);
+            let listener = TcpListener::bind(addr).expect("bind");
+            say("listening");
+            let conns: Vec<_> = (0..n)
+                .map(|_| listener.accept().expect("accept").0)
+                .collect();
+            say(&format!("accepted {}", conns.len()));
+            wait_for_stdin();
+        }
+        // roots NAME N: N processes named NAME (each a service root of its own), which live
+        // until stdin closes; prints "roots N" once all are named.
+        "roots" => {
+            let name = arg(&args, 2, "name");
+            let n: usize = arg(&args, 3, "count").parse().expect("count");
+            let mut pipe = [0i32; 2];
+            // SAFETY: a valid array of two fds.
+            assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0, "pipe");
+            let mut children = Vec::with_capacity(n);
+            for _ in 0..n {
+                // SAFETY: single-threaded; the child renames itself and blocks on the pipe.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        set_comm(&name);
+                        let mut b = [0u8; 1];
+                        // SAFETY: closing our copy of the write end, then a blocking read
+                        // that returns at EOF, when the parent exits.
+                        unsafe {
+                            libc::close(pipe[1]);
+                            libc::read(pipe[0], b.as_mut_ptr().cast(), 1);
+                            libc::_exit(0);
+                        }
+                    }
+                    p if p > 0 => children.push(p),
+                    _ => panic!("fork: {}", std::io::Error::last_os_error()),
+                }
+            }
+            say(&format!("roots {}", children.len()));
+            wait_for_stdin();
+            // SAFETY: closing the write end wakes every child.
+            unsafe { libc::close(pipe[1]) };
+            for p in children {
+                let mut status = 0;
+                // SAFETY: valid pointer; our own children.
+                unsafe { libc::waitpid(p, &mut status, 0) };
+            }
+        }
         // cuda-hold MIB: allocate MIB of GPU memory through the CUDA driver API (libcuda,
         // shipped with the driver) and keep it until stdin closes.
         "cuda-hold" => {
