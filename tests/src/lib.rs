@@ -367,13 +367,20 @@ impl Daemon {
     /// Writes a config for `gpu` (enforce/report etc. in `policy`, TOML `[policy]` lines;
     /// `services`, TOML `[[service]]` tables) and starts the daemon on it.
     pub fn start(gpu: &FakeGpu, policy: &str, services: &str) -> Self {
+        let (config, ledger) =
+            Self::write_config(gpu, &format!("sweep = \"200ms\"\n{policy}"), services);
+        Self::start_with(config, ledger)
+    }
+
+    /// Writes a config for `gpu` in its directory; returns the config's and ledger's paths.
+    pub fn write_config(gpu: &FakeGpu, policy: &str, services: &str) -> (PathBuf, PathBuf) {
         let dir = gpu.dir.path();
         let config = dir.join("config.toml");
         let ledger = dir.join("ledger.db");
         std::fs::write(
             &config,
             format!(
-                "[policy]\nsweep = \"200ms\"\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
+                "[policy]\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
                  device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n{services}\n",
                 gpu.lib.display(),
                 gpu.device_glob(),
@@ -381,7 +388,7 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        Self::start_with(config, ledger)
+        (config, ledger)
     }
 
     /// Starts the daemon on an existing config.

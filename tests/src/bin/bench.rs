@@ -31,23 +31,10 @@ fn arg_or(args: &[String], flag: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Writes a config (sweep at the default 5 s unless `extra` says otherwise) and starts the
+/// Writes a config (sweep at the default 5 s unless `policy` says otherwise) and starts the
 /// daemon with reconcile-level debug logs.
 fn daemon(gpu: &FakeGpu, policy: &str, services: &str) -> Daemon {
-    let dir = gpu.dir.path();
-    let config = dir.join("config.toml");
-    let ledger = dir.join("ledger.db");
-    std::fs::write(
-        &config,
-        format!(
-            "[policy]\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\ndevice_glob = \"{}\"\n\n\
-             [ledger]\npath = \"{}\"\n\n{services}\n",
-            gpu.lib.display(),
-            gpu.device_glob(),
-            ledger.display()
-        ),
-    )
-    .expect("write config");
+    let (config, ledger) = Daemon::write_config(gpu, policy, services);
     Daemon::start_logging(config, ledger, "info,reclaimd::daemon=debug")
 }
 
