@@ -5,8 +5,13 @@
 //! loaded, and it runs as is wherever the test binaries are carried to a GPU machine.
 use std::time::Duration;
 
-use reclaimd::gpu::{GpuInventory, GpuOptions, HolderStatus, NvmlStatus};
-use reclaimd_tests::{Workload, nvidia_driver_present, snapshot_until};
+use reclaimd::{
+    gpu::{GpuInventory, GpuOptions, HolderStatus, NvmlStatus},
+    ledger::Outcome,
+};
+use reclaimd_tests::{
+    Daemon, TempDir, Workload, alive, nvidia_driver_present, snapshot_until, wait_for_record,
+};
 
 fn workload() -> String {
     reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
@@ -83,4 +88,57 @@ fn real_driver_sees_a_cuda_allocation_and_its_release() {
         used_held / MIB,
         used_after / MIB
     );
+}
+
+/// `reclaimd run` against the real driver: a service's worker allocates GPU memory through
+/// CUDA, its server is SIGKILLed, and the worker must be reclaimed with the memory verified
+/// back by NVML.
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver"]
+fn real_driver_end_to_end_reclaim() {
+    assert!(nvidia_driver_present(), "no NVIDIA driver loaded");
+    const HOLD_MIB: u64 = 768;
+    let dir = TempDir::new("real-e2e");
+    let config = dir.path().join("config.toml");
+    let ledger = dir.path().join("ledger.db");
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\nmode = \"enforce\"\ngrace = \"0s\"\nsweep = \"500ms\"\n\n\
+             [ledger]\npath = \"{}\"\n\n\
+             [[service]]\nname = \"llm\"\nmatch = {{ comm = [\"llm-server\"] }}\n",
+            ledger.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(config, ledger.clone());
+    let server = Workload::spawn(
+        &workload(),
+        &["server", "llm-server", &format!("cuda:{HOLD_MIB}")],
+    );
+    let worker: u32 = server.line("worker").parse().unwrap();
+    // Let the daemon see the worker hold its memory before the server dies.
+    let mut inv = GpuInventory::new(&GpuOptions::default()).unwrap();
+    snapshot_until(&mut inv, Duration::from_secs(20), |s| {
+        s.holders.get(&worker).is_some_and(|h| !h.memory.is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: our child.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    let r = wait_for_record(&ledger, worker, Duration::from_secs(30));
+    let res = r.resolution.clone().unwrap();
+    eprintln!("real-driver reclaim: {r:#?}");
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert!(!alive(worker));
+    assert!(r.decision.gpu_uuid.starts_with("GPU-") || r.decision.gpu_uuid.starts_with("MIG-"));
+    assert!(
+        r.decision.bytes.is_some_and(|b| b >= HOLD_MIB * MIB),
+        "{r:#?}"
+    );
+    assert!(
+        res.bytes_freed.is_some_and(|b| b >= HOLD_MIB * MIB),
+        "{r:#?}"
+    );
+    d.stop();
+    let _ = server.finish();
 }

@@ -188,7 +188,8 @@ fn main() {
             }
         }
         // server NAME DEVICE [ignore-term]: a service process named NAME (its comm) that
-        // forks a worker (comm "gpu-worker") holding DEVICE open; prints the worker's pid.
+        // forks a worker (comm "gpu-worker") holding DEVICE open (or, with DEVICE cuda:MIB,
+        // that much GPU memory through CUDA); prints the worker's pid.
         // Both stay until stdin closes; the worker ignores SIGTERM if asked.
         "server" => {
             let name = arg(&args, 2, "name");
@@ -207,10 +208,20 @@ fn main() {
                         // SAFETY: ignoring a signal is always sound.
                         unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
                     }
-                    let _file = match inherited {
-                        Some(f) => f,
-                        None => std::fs::File::open(&device)
-                            .unwrap_or_else(|e| panic!("open {device}: {e}")),
+                    // cuda:MIB: real GPU memory through the driver instead of a file.
+                    let cuda_mib = device
+                        .strip_prefix("cuda:")
+                        .map(|m| m.parse::<usize>().expect("MiB"));
+                    let _file = match (inherited, cuda_mib) {
+                        (_, Some(mib)) => {
+                            cuda::hold(mib << 20);
+                            None
+                        }
+                        (Some(f), None) => Some(f),
+                        (None, None) => Some(
+                            std::fs::File::open(&device)
+                                .unwrap_or_else(|e| panic!("open {device}: {e}")),
+                        ),
                     };
                     // Said by the worker once it holds the device, so the line means ready.
                     say(&format!("worker {}", std::process::id()));
