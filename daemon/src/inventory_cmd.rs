@@ -41,10 +41,15 @@ fn write_text(out: &mut impl Write, inv: &Inventory) -> io::Result<()> {
         )?;
     }
     for d in &inv.devices {
+        // A MIG instance shows as GPU:instance, under its GPU.
+        let index = match d.parent_uuid.as_deref().and_then(|p| inv.device(p)) {
+            Some(parent) => format!("{}:{}", parent.index, d.index),
+            None => d.index.to_string(),
+        };
         writeln!(
             out,
             "{:<4} {:<42} {:<24} {:>20} {:>12} {:>12}",
-            d.index,
+            index,
             d.uuid,
             d.name,
             format!(

@@ -170,6 +170,65 @@ fn mps_clients_come_from_the_mps_list() {
 }
 
 #[test]
+fn mig_instances_carry_their_own_processes_and_memory() {
+    let gpu = FakeGpu::new("");
+    let a = holder_of(&gpu, 0);
+    let b = holder_of(&gpu, 0);
+    gpu.set_state(&format!(
+        "device 0 GPU-aaaa 81920 Fake A100\n\
+         mig 0 0 MIG-1111 40960 Fake A100 3g.40gb\n\
+         mig 0 2 MIG-2222 20480 Fake A100 2g.20gb\n\
+         device 1 GPU-bbbb 16384 Fake L4\n\
+         proc 0:0 {} 1024 compute\n\
+         proc 0:2 {} 512 compute\n\
+         unattributed 0:2 64\n\
+         unattributed 0 32\n",
+        a.pid(),
+        b.pid()
+    ));
+    let s = inventory(&gpu).snapshot();
+    let uuids: Vec<(&str, u32)> = s
+        .devices
+        .iter()
+        .map(|d| (d.uuid.as_str(), d.index))
+        .collect();
+    assert_eq!(
+        uuids,
+        [
+            ("GPU-aaaa", 0),
+            ("MIG-1111", 0),
+            ("MIG-2222", 2),
+            ("GPU-bbbb", 1)
+        ],
+        "MIG instances keep their own index"
+    );
+    let parent = s.device("GPU-aaaa").unwrap();
+    assert_eq!(parent.used_bytes, (1024 + 512 + 64 + 32) * MIB);
+    assert_eq!(parent.attributed_bytes, (1024 + 512) * MIB);
+    assert_eq!(
+        parent.unattributed_bytes,
+        32 * MIB,
+        "counted once, not per level"
+    );
+    let m1 = s.device("MIG-1111").unwrap();
+    assert_eq!(m1.parent_uuid.as_deref(), Some("GPU-aaaa"));
+    assert_eq!((m1.total_bytes, m1.used_bytes), (40960 * MIB, 1024 * MIB));
+    assert_eq!(
+        m1.minor, None,
+        "a MIG instance has no device file of its own"
+    );
+    let m2 = s.device("MIG-2222").unwrap();
+    assert_eq!(m2.unattributed_bytes, 64 * MIB);
+    let ha = &s.holders[&a.pid()];
+    assert_eq!(ha.memory.len(), 1);
+    assert_eq!(ha.memory[0].device_uuid, "MIG-1111");
+    assert_eq!(s.holders[&b.pid()].memory[0].device_uuid, "MIG-2222");
+    assert_eq!(s.device("GPU-bbbb").unwrap().parent_uuid, None);
+    let _ = a.finish();
+    let _ = b.finish();
+}
+
+#[test]
 fn malformed_or_missing_v3_lists_fall_back_to_v2() {
     let gpu = FakeGpu::new("");
     let a = holder_of(&gpu, 0);

@@ -113,6 +113,27 @@ pub fn join(
         }
         out_devices.push(device);
     }
+    // A MIG parent's memory is its instances' (where the processes are listed) plus what no
+    // instance holds: count each byte once, on the instance when there is one.
+    let parents: Vec<String> = out_devices
+        .iter()
+        .filter_map(|d| d.parent_uuid.clone())
+        .collect();
+    for i in 0..out_devices.len() {
+        if !parents.contains(&out_devices[i].uuid) {
+            continue;
+        }
+        let uuid = out_devices[i].uuid.clone();
+        let (attributed, used) = out_devices
+            .iter()
+            .filter(|d| d.parent_uuid.as_deref() == Some(uuid.as_str()))
+            .fold((0, 0), |(a, u), d| {
+                (a + d.attributed_bytes, u + d.used_bytes)
+            });
+        let parent = &mut out_devices[i];
+        parent.attributed_bytes = attributed;
+        parent.unattributed_bytes = parent.used_bytes.saturating_sub(used);
+    }
     // Processes holding device files that NVML does not list (e.g. a child that inherited
     // the fds of its dead creator).
     for pid in fds.keys() {

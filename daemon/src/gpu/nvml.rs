@@ -142,8 +142,8 @@ fn query_all(nvml: &Nvml) -> Result<Report, NvmlError> {
         } else {
             let parent = device.uuid.clone();
             report.devices.push((device, Vec::new()));
-            for (i, mig) in migs.iter().enumerate() {
-                let d = describe(mig, i as u32, Some(parent.clone()))?;
+            for (i, mig) in &migs {
+                let d = describe(mig, *i, Some(parent.clone()))?;
                 let procs = processes(mig, &d, &mut report.warnings)?;
                 report.devices.push((d, procs));
             }
@@ -167,14 +167,15 @@ fn describe(dev: &NvmlDevice, index: u32, parent: Option<String>) -> Result<Devi
     })
 }
 
-fn mig_instances<'n>(dev: &NvmlDevice<'n>) -> Vec<NvmlDevice<'n>> {
+/// The MIG instances of a GPU in MIG mode, with their indexes (slots may be empty).
+fn mig_instances<'n>(dev: &NvmlDevice<'n>) -> Vec<(u32, NvmlDevice<'n>)> {
     match dev.mig_mode() {
         Ok(mode) if mode.current == 1 => {}
         _ => return Vec::new(),
     }
     let count = dev.mig_device_count().unwrap_or(0);
     (0..count)
-        .filter_map(|i| dev.mig_device_by_index(i).ok())
+        .filter_map(|i| dev.mig_device_by_index(i).ok().map(|m| (i, m)))
         .collect()
 }
 

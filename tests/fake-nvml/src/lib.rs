@@ -10,10 +10,15 @@
 //! ```text
 //! device <index> <uuid> <total_mib> <name...>
 //! proc <device_index> <pid> <used_mib|na> compute|graphics|mps
+//! mig <device_index> <instance> <uuid> <total_mib> <name...>
 //! unattributed <device_index> <mib> [while <pid>]
 //! fail <nvml function> <nvml return code>
 //! quirk <device_index> garbage_v3|no_v3
 //! ```
+//!
+//! A `mig` line puts its device in MIG mode with that instance (handles through
+//! `nvmlDeviceGetMigDeviceHandleByIndex`); `proc` and `unattributed` lines name an instance as
+//! `<device_index>:<instance>`, and a MIG parent's used memory includes its instances'.
 //!
 //! A `proc` line is reported only while `/proc/<pid>` exists and the process is not a zombie,
 //! as the driver frees memory when a process's device files close. Device used memory is the
@@ -38,6 +43,7 @@ type nvmlDevice_t = *mut c_void;
 const SUCCESS: nvmlReturn_t = 0;
 const ERROR_INVALID_ARGUMENT: nvmlReturn_t = 2;
 const ERROR_NOT_SUPPORTED: nvmlReturn_t = 3;
+const ERROR_NOT_FOUND: nvmlReturn_t = 6;
 const ERROR_INSUFFICIENT_SIZE: nvmlReturn_t = 7;
 const ERROR_FUNCTION_NOT_FOUND: nvmlReturn_t = 13;
 const ERROR_ARGUMENT_VERSION_MISMATCH: nvmlReturn_t = 25;
@@ -53,9 +59,26 @@ enum Kind {
     Mps,
 }
 
+/// MIG instances get internal indexes from here on (never enumerated as GPUs).
+const MIG_BASE: u32 = 1000;
+
+/// `N` names GPU N; `N:M` names MIG instance M of GPU N.
+fn device_key(s: &str) -> Option<u32> {
+    match s.split_once(':') {
+        None => s.parse().ok(),
+        Some((gpu, mig)) => {
+            let (gpu, mig): (u32, u32) = (gpu.parse().ok()?, mig.parse().ok()?);
+            (gpu < 64 && mig < 16).then_some(MIG_BASE + gpu * 16 + mig)
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Device {
+    /// The GPU index, or `MIG_BASE + gpu * 16 + instance` for a MIG instance.
     index: u32,
+    /// For a MIG instance: the GPU's index and the instance's.
+    mig_of: Option<(u32, u32)>,
     uuid: String,
     name: String,
     total: u64,
@@ -127,8 +150,9 @@ fn parse(text: &str) -> State {
         match w.as_slice() {
             ["device", index, uuid, total, name @ ..] if !name.is_empty() => {
                 match (index.parse(), total.parse::<u64>()) {
-                    (Ok(index), Ok(total)) => st.devices.push(Device {
+                    (Ok(index), Ok(total)) if index < MIG_BASE => st.devices.push(Device {
                         index,
+                        mig_of: None,
                         uuid: (*uuid).to_owned(),
                         name: name.join(" "),
                         total: total * MIB,
@@ -137,6 +161,32 @@ fn parse(text: &str) -> State {
                         garbage_v3: false,
                         no_v3: false,
                     }),
+                    _ => bad(),
+                }
+            }
+            ["mig", gpu, instance, uuid, total, name @ ..] if !name.is_empty() => {
+                let key = device_key(&format!("{gpu}:{instance}"));
+                match (
+                    key,
+                    gpu.parse::<u32>(),
+                    instance.parse::<u32>(),
+                    total.parse::<u64>(),
+                ) {
+                    (Some(index), Ok(g), Ok(m), Ok(total))
+                        if st.devices.iter().any(|d| d.index == g) =>
+                    {
+                        st.devices.push(Device {
+                            index,
+                            mig_of: Some((g, m)),
+                            uuid: (*uuid).to_owned(),
+                            name: name.join(" "),
+                            total: total * MIB,
+                            unattributed: 0,
+                            unattributed_while: Vec::new(),
+                            garbage_v3: false,
+                            no_v3: false,
+                        })
+                    }
                     _ => bad(),
                 }
             }
@@ -151,8 +201,8 @@ fn parse(text: &str) -> State {
                     "na" => Some(None),
                     n => n.parse::<u64>().ok().map(|m| Some(m * MIB)),
                 };
-                match (device.parse(), pid.parse(), used, kind) {
-                    (Ok(device), Ok(pid), Some(used), Some(kind)) => st.procs.push(Proc {
+                match (device_key(device), pid.parse(), used, kind) {
+                    (Some(device), Ok(pid), Some(used), Some(kind)) => st.procs.push(Proc {
                         device,
                         pid,
                         used,
@@ -161,20 +211,16 @@ fn parse(text: &str) -> State {
                     _ => bad(),
                 }
             }
-            ["unattributed", device, mib] => match (device.parse::<u32>(), mib.parse::<u64>()) {
-                (Ok(d), Ok(m)) => match st.devices.iter_mut().find(|x| x.index == d) {
+            ["unattributed", device, mib] => match (device_key(device), mib.parse::<u64>()) {
+                (Some(d), Ok(m)) => match st.devices.iter_mut().find(|x| x.index == d) {
                     Some(dev) => dev.unattributed = m * MIB,
                     None => bad(),
                 },
                 _ => bad(),
             },
             ["unattributed", device, mib, "while", pid] => {
-                match (
-                    device.parse::<u32>(),
-                    mib.parse::<u64>(),
-                    pid.parse::<u32>(),
-                ) {
-                    (Ok(d), Ok(m), Ok(p)) => match st.devices.iter_mut().find(|x| x.index == d) {
+                match (device_key(device), mib.parse::<u64>(), pid.parse::<u32>()) {
+                    (Some(d), Ok(m), Ok(p)) => match st.devices.iter_mut().find(|x| x.index == d) {
                         Some(dev) => dev.unattributed_while.push((m * MIB, p)),
                         None => bad(),
                     },
@@ -260,7 +306,18 @@ impl State {
             .filter(|(_, pid)| alive(*pid))
             .map(|(m, _)| m)
             .sum();
-        (procs + d.unattributed + held).min(d.total)
+        let instances: u64 = self.instances(d.index).map(|m| self.used(m)).sum();
+        (procs + d.unattributed + held + instances).min(d.total)
+    }
+
+    fn instances(&self, gpu: u32) -> impl Iterator<Item = &Device> {
+        self.devices
+            .iter()
+            .filter(move |d| d.mig_of.is_some_and(|(g, _)| g == gpu))
+    }
+
+    fn gpus(&self) -> impl Iterator<Item = &Device> {
+        self.devices.iter().filter(|d| d.mig_of.is_none())
     }
 }
 
@@ -341,7 +398,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn
         return ERROR_INVALID_ARGUMENT;
     }
     // SAFETY: checked non-null.
-    unsafe { *count = st.devices.len() as c_uint };
+    unsafe { *count = st.gpus().count() as c_uint };
     SUCCESS
 }
 
@@ -351,7 +408,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     device: *mut nvmlDevice_t,
 ) -> nvmlReturn_t {
     let st = begin!("nvmlDeviceGetHandleByIndex_v2");
-    if device.is_null() || !st.devices.iter().any(|d| d.index == index) {
+    if device.is_null() || !st.gpus().any(|d| d.index == index) {
         return ERROR_INVALID_ARGUMENT;
     }
     // SAFETY: checked non-null. Handles are index + 1 and never dereferenced by callers.
@@ -413,6 +470,8 @@ pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(
 ) -> nvmlReturn_t {
     let st = begin!("nvmlDeviceGetMinorNumber");
     match st.device(device) {
+        // MIG instances have no /dev/nvidia<N> of their own.
+        Some(d) if d.mig_of.is_some() => ERROR_NOT_SUPPORTED,
         Some(d) if !minor.is_null() => {
             // SAFETY: checked non-null.
             unsafe { *minor = d.index };
@@ -487,15 +546,81 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     SUCCESS
 }
 
-/// A GPU without MIG, like most.
+/// MIG mode is on for a GPU with `mig` lines; a GPU without them does not support MIG.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMigMode(
-    _device: nvmlDevice_t,
-    _current: *mut c_uint,
-    _pending: *mut c_uint,
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: nvmlDevice_t,
+    current: *mut c_uint,
+    pending: *mut c_uint,
 ) -> nvmlReturn_t {
-    let _ = begin!("nvmlDeviceGetMigMode");
-    ERROR_NOT_SUPPORTED
+    let st = begin!("nvmlDeviceGetMigMode");
+    let Some(d) = st.device(device) else {
+        return ERROR_INVALID_ARGUMENT;
+    };
+    if st.instances(d.index).next().is_none() {
+        return ERROR_NOT_SUPPORTED;
+    }
+    if current.is_null() || pending.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null.
+    unsafe {
+        *current = 1;
+        *pending = 1;
+    }
+    SUCCESS
+}
+
+/// Like a real GPU, the maximum: one past the highest instance; absent ones are NOT_FOUND.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    let st = begin!("nvmlDeviceGetMaxMigDeviceCount");
+    let Some(d) = st.device(device) else {
+        return ERROR_INVALID_ARGUMENT;
+    };
+    let Some(max) = st
+        .instances(d.index)
+        .filter_map(|m| m.mig_of)
+        .map(|(_, i)| i + 1)
+        .max()
+    else {
+        return ERROR_NOT_SUPPORTED;
+    };
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null.
+    unsafe { *count = max };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let st = begin!("nvmlDeviceGetMigDeviceHandleByIndex");
+    let Some(d) = st.device(device) else {
+        return ERROR_INVALID_ARGUMENT;
+    };
+    if mig.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    match st
+        .instances(d.index)
+        .find(|m| m.mig_of == Some((d.index, index)))
+    {
+        Some(m) => {
+            // SAFETY: checked non-null; handles are internal index + 1.
+            unsafe { *mig = (m.index as usize + 1) as nvmlDevice_t };
+            SUCCESS
+        }
+        None => ERROR_NOT_FOUND,
+    }
 }
 
 // ---- running processes --------------------------------------------------------------------
