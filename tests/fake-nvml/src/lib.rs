@@ -89,6 +89,22 @@ struct Device {
     no_v3: bool,
 }
 
+impl Device {
+    fn new(index: u32, mig_of: Option<(u32, u32)>, uuid: &str, name: String, mib: u64) -> Self {
+        Self {
+            index,
+            mig_of,
+            uuid: uuid.to_owned(),
+            name,
+            total: mib * MIB,
+            unattributed: 0,
+            unattributed_while: Vec::new(),
+            garbage_v3: false,
+            no_v3: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Proc {
     device: u32,
@@ -150,17 +166,10 @@ fn parse(text: &str) -> State {
         match w.as_slice() {
             ["device", index, uuid, total, name @ ..] if !name.is_empty() => {
                 match (index.parse(), total.parse::<u64>()) {
-                    (Ok(index), Ok(total)) if index < MIG_BASE => st.devices.push(Device {
-                        index,
-                        mig_of: None,
-                        uuid: (*uuid).to_owned(),
-                        name: name.join(" "),
-                        total: total * MIB,
-                        unattributed: 0,
-                        unattributed_while: Vec::new(),
-                        garbage_v3: false,
-                        no_v3: false,
-                    }),
+                    (Ok(index), Ok(total)) if index < MIG_BASE => {
+                        st.devices
+                            .push(Device::new(index, None, uuid, name.join(" "), total))
+                    }
                     _ => bad(),
                 }
             }
@@ -175,17 +184,13 @@ fn parse(text: &str) -> State {
                     (Some(index), Ok(g), Ok(m), Ok(total))
                         if st.devices.iter().any(|d| d.index == g) =>
                     {
-                        st.devices.push(Device {
+                        st.devices.push(Device::new(
                             index,
-                            mig_of: Some((g, m)),
-                            uuid: (*uuid).to_owned(),
-                            name: name.join(" "),
-                            total: total * MIB,
-                            unattributed: 0,
-                            unattributed_while: Vec::new(),
-                            garbage_v3: false,
-                            no_v3: false,
-                        })
+                            Some((g, m)),
+                            uuid,
+                            name.join(" "),
+                            total,
+                        ))
                     }
                     _ => bad(),
                 }
