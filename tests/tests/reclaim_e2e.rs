@@ -289,6 +289,30 @@ fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
 }
 
 #[test]
+fn without_nvml_the_daemon_runs_says_so_once_and_recovers() {
+    // Driver not loaded: every NVML init fails with NVML_ERROR_DRIVER_NOT_LOADED.
+    let gpu = FakeGpu::new(&format!("{DEVICE}\nfail nvmlInit_v2 9\n"));
+    let mut d = Daemon::start(&gpu, "", LLM);
+    d.wait_log("NVML unavailable", WAIT);
+    std::thread::sleep(Duration::from_millis(2500)); // a dozen sweeps, two retries
+    d.drain_log();
+    let said = d
+        .log
+        .iter()
+        .filter(|l| l.contains("NVML unavailable"))
+        .count();
+    assert_eq!(said, 1, "said once, not per retry:\n{}", d.log.join("\n"));
+    assert!(
+        d.log.iter().any(|l| l.contains("driver is not loaded")),
+        "{}",
+        d.log.join("\n")
+    );
+    gpu.set_state(DEVICE);
+    d.wait_log("NVML available again", WAIT);
+    d.stop();
+}
+
+#[test]
 fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
     let gpu = FakeGpu::new(DEVICE);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
