@@ -111,9 +111,27 @@ pub struct ProbeConfig {
     pub btf: PathBuf,
 }
 
+/// The gRPC API's listeners and who may act through them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    /// Unix socket, mode 0660, owned by root and `group`.
+    pub socket: PathBuf,
+    pub group: String,
+    /// Members may call `Reclaim` (root always may); `None`: root only.
+    pub admin_group: Option<String>,
+    /// Optional TCP listener; only with TLS and client certificates.
+    pub listen: Option<std::net::SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+pub const DEFAULT_API_SOCKET: &str = "/run/reclaimd/reclaimd.sock";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub policy: Policy,
+    pub api: ApiConfig,
     pub gpu: GpuConfig,
     pub ledger_path: PathBuf,
     pub probe: ProbeConfig,
@@ -144,6 +162,15 @@ impl Default for Config {
                 btf: PathBuf::from(probe::DEFAULT_BTF_PATH),
             },
             services: Vec::new(),
+            api: ApiConfig {
+                socket: PathBuf::from(DEFAULT_API_SOCKET),
+                group: "root".to_owned(),
+                admin_group: None,
+                listen: None,
+                tls_cert: None,
+                tls_key: None,
+                client_ca: None,
+            },
         }
     }
 }
@@ -250,6 +277,8 @@ mod raw {
         #[serde(default)]
         pub probe: Probe,
         #[serde(default)]
+        pub api: Api,
+        #[serde(default)]
         pub service: Vec<Service>,
     }
 
@@ -279,6 +308,18 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Ledger {
         pub path: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Api {
+        pub socket: Option<PathBuf>,
+        pub group: Option<String>,
+        pub admin_group: Option<String>,
+        pub listen: Option<String>,
+        pub tls_cert: Option<PathBuf>,
+        pub tls_key: Option<PathBuf>,
+        pub client_ca: Option<PathBuf>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -424,6 +465,40 @@ mod raw {
                 ));
             }
 
+            let a = self.api;
+            let socket = a.socket.unwrap_or(d.api.socket);
+            if !socket.is_absolute() {
+                return Err(invalid(
+                    "api.socket",
+                    format!("{} must be an absolute path", socket.display()),
+                ));
+            }
+            let listen = match a.listen {
+                None => None,
+                Some(l) => Some(l.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid("api.listen", format!("{l:?} is not an address:port: {e}"))
+                })?),
+            };
+            if listen.is_some()
+                && (a.tls_cert.is_none() || a.tls_key.is_none() || a.client_ca.is_none())
+            {
+                return Err(invalid(
+                    "api.listen",
+                    "a TCP listener needs TLS with client certificates: set api.tls_cert, \
+                     api.tls_key and api.client_ca (or remove api.listen and use the Unix socket)"
+                        .to_owned(),
+                ));
+            }
+            let api = super::ApiConfig {
+                socket,
+                group: a.group.unwrap_or(d.api.group),
+                admin_group: a.admin_group,
+                listen,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
+                client_ca: a.client_ca,
+            };
+
             let mut services = Vec::with_capacity(self.service.len());
             for (i, s) in self.service.into_iter().enumerate() {
                 let at = |key: &str| format!("service[{i}].{key}");
@@ -519,6 +594,7 @@ mod raw {
                     device_glob,
                 },
                 ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
+                api,
                 probe: super::ProbeConfig {
                     ring_bytes,
                     btf: self.probe.btf.unwrap_or(d.probe.btf),

@@ -10,12 +10,13 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{broadcast, mpsc, oneshot},
     task::JoinHandle,
     time::Instant,
 };
 
 use crate::{
+    api::{self, CoreRequest, ManualReclaim, pb},
     clock,
     config::Config,
     event::KernelEvent,
@@ -23,13 +24,15 @@ use crate::{
     ledger::{Action, Ledger, LedgerError, Lineage},
     model::{Binding, ConnKey, Model, Ns, ProcId},
     probe::{Probe, ProbeError, ProbeOptions, Received},
-    reclaim::{Done, Executor, Job, Untouchable, executor},
+    reclaim::{Done, Executor, Job, Manual, Untouchable, executor},
     reconcile::{self, Assessment, Verdict},
     scan,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -39,6 +42,9 @@ pub enum DaemonError {
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
 }
+
+/// How long API clients get to finish when the daemon stops.
+const API_DRAIN: Duration = Duration::from_secs(1);
 
 /// What one snapshot brings back from the blocking thread.
 struct Snapshot {
@@ -105,6 +111,31 @@ struct Core {
     /// Holders whose sessions are all dead, last assessment: to see them let go by themselves.
     dying: HashMap<ProcId, Assessment>,
     queue_full: u64,
+    /// The last snapshot's inventory and verdicts, for the API.
+    last: Option<Last>,
+    started: std::time::Instant,
+    events_seen: u64,
+    events_dropped: u64,
+    breaker: Arc<std::sync::atomic::AtomicBool>,
+    /// API watchers: session deaths, verdict changes, reclaim outcomes.
+    events: broadcast::Sender<pb::Event>,
+    /// Last verdict sent per holder, and dead session keys already announced.
+    verdicts: HashMap<ProcId, &'static str>,
+    announced: HashSet<String>,
+    /// Manual reclaims waiting for the executor.
+    manual: Vec<ManualWait>,
+}
+
+struct Last {
+    inventory: Inventory,
+    assessments: Vec<Assessment>,
+    time_ms: i64,
+}
+
+struct ManualWait {
+    waiting: HashSet<ProcId>,
+    ids: Vec<i64>,
+    reply: oneshot::Sender<Result<Vec<i64>, tonic::Status>>,
 }
 
 impl Core {
@@ -193,6 +224,12 @@ impl Core {
                 }
             }
         }
+        self.announce(&assessments);
+        self.last = Some(Last {
+            inventory: s.inventory.clone(),
+            assessments: assessments.clone(),
+            time_ms: executor::unix_ms(),
+        });
         let live: HashSet<ProcId> = assessments
             .iter()
             // An exiting holder counts as gone: if it was dying, it let go by itself.
@@ -250,6 +287,7 @@ impl Core {
                 assessment: a,
                 exe,
                 cgroup,
+                manual: None,
             }) {
                 Ok(()) => {
                     self.in_flight.insert(id);
@@ -299,17 +337,289 @@ impl Core {
             Action::None,
             "exited or released the GPU by itself after its session died".to_owned(),
         );
-        if let Ok(ledger) = self.ledger.lock()
-            && let Err(error) = ledger.record_decision(&d)
-        {
-            tracing::error!(%error, pid = a.id.pid, "ledger write failed");
+        let id = match self.ledger.lock().map(|l| l.record_decision(&d)) {
+            Ok(Ok(id)) => Some(id),
+            Ok(Err(error)) => {
+                tracing::error!(%error, pid = a.id.pid, "ledger write failed");
+                None
+            }
+            Err(_) => None,
+        };
+        if let Some(id) = id {
+            self.publish_record(id);
         }
+    }
+
+    /// Sends the ledger record `id` to API watchers.
+    fn publish_record(&self, id: i64) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let record = self
+            .ledger
+            .lock()
+            .ok()
+            .and_then(|l| l.get(id).ok().flatten());
+        if let Some(r) = record {
+            let _ = self.events.send(pb::Event {
+                time_ms: executor::unix_ms(),
+                kind: Some(pb::event::Kind::Reclaim(pb::ReclaimDone {
+                    record: Some(api::convert::record(&r)),
+                })),
+            });
+        }
+    }
+
+    /// Session deaths and verdict changes, to API watchers.
+    fn announce(&mut self, assessments: &[Assessment]) {
+        let now = executor::unix_ms();
+        let mut keys = HashSet::new();
+        for a in assessments {
+            for sess in &a.sessions {
+                keys.insert(sess.key.clone());
+                if let Some(d) = &sess.death
+                    && self.announced.insert(sess.key.clone())
+                {
+                    let _ = self.events.send(pb::Event {
+                        time_ms: now,
+                        kind: Some(pb::event::Kind::SessionDied(pb::SessionDied {
+                            session: Some(pb::Session {
+                                kind: sess.kind.to_owned(),
+                                key: sess.key.clone(),
+                                service: a.service.clone().unwrap_or_default(),
+                                dead: true,
+                                death_cause: d.cause.clone(),
+                                death_time_ms: Some(executor::mono_to_unix_ms(d.at)),
+                                pid: 0,
+                            }),
+                        })),
+                    });
+                }
+            }
+            let v = a.verdict.as_str();
+            if self.verdicts.insert(a.id, v) != Some(v) {
+                let _ = self.events.send(pb::Event {
+                    time_ms: now,
+                    kind: Some(pb::event::Kind::Verdict(pb::VerdictChanged {
+                        pid: a.id.pid,
+                        service: a.service.clone().unwrap_or_default(),
+                        verdict: v.to_owned(),
+                        bytes: (!a.holder.bytes_unknown()).then(|| a.holder.known_bytes()),
+                    })),
+                });
+            }
+        }
+        let ids: HashSet<ProcId> = assessments.iter().map(|a| a.id).collect();
+        self.verdicts.retain(|id, _| ids.contains(id));
+        self.announced.retain(|k| keys.contains(k));
     }
 
     fn on_done(&mut self, d: &Done) {
         self.in_flight.remove(&d.id);
         self.decided.insert(d.id);
         self.dying.remove(&d.id);
+        if let Some(id) = d.ledger_id {
+            self.publish_record(id);
+        }
+        for w in &mut self.manual {
+            if w.waiting.remove(&d.id) {
+                w.ids.extend(d.ledger_id);
+            }
+        }
+        let (finished, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.manual)
+            .into_iter()
+            .partition(|w| w.waiting.is_empty());
+        self.manual = waiting;
+        for w in finished {
+            let _ = w.reply.send(Ok(w.ids));
+        }
+    }
+
+    fn on_api(&mut self, req: CoreRequest, jobs: &mpsc::Sender<Job>) {
+        match req {
+            CoreRequest::Status(reply) => {
+                let _ = reply.send(self.status(jobs));
+            }
+            CoreRequest::Sessions(q, reply) => {
+                let _ = reply.send(self.sessions(&q));
+            }
+            CoreRequest::Holders(q, reply) => {
+                let _ = reply.send(self.holders(&q));
+            }
+            CoreRequest::Reclaim(m, reply) => self.manual_reclaim(m, reply, jobs),
+        }
+    }
+
+    fn status(&self, jobs: &mpsc::Sender<Job>) -> pb::GetStatusResponse {
+        let (nvml_available, nvml_reason, driver_version) =
+            match self.last.as_ref().map(|l| &l.inventory.nvml) {
+                Some(crate::gpu::NvmlStatus::Available { driver_version }) => {
+                    (true, String::new(), driver_version.clone())
+                }
+                Some(crate::gpu::NvmlStatus::Unavailable { reason }) => {
+                    (false, reason.clone(), String::new())
+                }
+                None => (false, "no inventory taken yet".to_owned(), String::new()),
+            };
+        let devices = self
+            .last
+            .as_ref()
+            .map(|l| {
+                l.inventory
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let orphaned = l
+                            .assessments
+                            .iter()
+                            .filter(|a| {
+                                matches!(a.verdict, Verdict::Orphan | Verdict::Pending { .. })
+                            })
+                            .flat_map(|a| a.holder.memory.iter())
+                            .filter(|m| m.device_uuid == d.uuid)
+                            .filter_map(|m| m.bytes)
+                            .sum();
+                        api::convert::device(d, orphaned)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::GetStatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            probe_mode: "ebpf".to_owned(),
+            events_seen: self.events_seen,
+            events_dropped: self.events_dropped,
+            policy_mode: match self.cfg.policy.mode {
+                crate::config::Mode::Report => "report",
+                crate::config::Mode::Enforce => "enforce",
+            }
+            .to_owned(),
+            breaker_tripped: self.breaker.load(std::sync::atomic::Ordering::Relaxed),
+            queue_depth: (jobs.max_capacity() - jobs.capacity()) as u32,
+            queue_capacity: jobs.max_capacity() as u32,
+            nvml_available,
+            nvml_reason,
+            driver_version,
+            devices,
+            inventory_time_ms: self.last.as_ref().map(|l| l.time_ms).unwrap_or(0),
+        }
+    }
+
+    fn sessions(&self, q: &pb::ListSessionsRequest) -> pb::ListSessionsResponse {
+        let sessions = self
+            .model
+            .sessions()
+            .into_iter()
+            .filter(|s| q.service.is_empty() || s.service == q.service)
+            .filter(|s| q.include_dead || s.death.is_none())
+            .map(|s| pb::Session {
+                kind: s.kind.to_owned(),
+                key: s.key,
+                service: s.service,
+                dead: s.death.is_some(),
+                death_cause: s
+                    .death
+                    .as_ref()
+                    .map(|d| d.cause.clone())
+                    .unwrap_or_default(),
+                death_time_ms: s.death.as_ref().map(|d| executor::mono_to_unix_ms(d.at)),
+                pid: s.pid,
+            })
+            .collect();
+        pb::ListSessionsResponse { sessions }
+    }
+
+    fn holders(&self, q: &pb::ListHoldersRequest) -> pb::ListHoldersResponse {
+        let Some(last) = &self.last else {
+            return pb::ListHoldersResponse::default();
+        };
+        let by_pid: HashMap<u32, &Assessment> =
+            last.assessments.iter().map(|a| (a.id.pid, a)).collect();
+        let holders = last
+            .inventory
+            .holders
+            .values()
+            .map(|h| api::convert::holder(h, by_pid.get(&h.pid).copied()))
+            .filter(|h| q.service.is_empty() || h.service == q.service)
+            .filter(|h| q.verdict.is_empty() || h.verdict == q.verdict)
+            .collect();
+        pb::ListHoldersResponse {
+            holders,
+            inventory_time_ms: last.time_ms,
+        }
+    }
+
+    fn manual_reclaim(
+        &mut self,
+        m: ManualReclaim,
+        reply: oneshot::Sender<Result<Vec<i64>, tonic::Status>>,
+        jobs: &mpsc::Sender<Job>,
+    ) {
+        let targets: Vec<Assessment> = self
+            .last
+            .iter()
+            .flat_map(|l| l.assessments.iter())
+            .filter(|a| {
+                if m.pid != 0 {
+                    a.id.pid == m.pid
+                } else {
+                    a.sessions.iter().any(|s| s.key == m.session_key)
+                }
+            })
+            .cloned()
+            .collect();
+        if targets.is_empty() {
+            let what = if m.pid != 0 {
+                format!("pid {} holds no GPU memory or device file", m.pid)
+            } else {
+                format!("no holder is bound to session {:?}", m.session_key)
+            };
+            let _ = reply.send(Err(tonic::Status::not_found(format!(
+                "{what} (as of the last inventory)"
+            ))));
+            return;
+        }
+        if let Some(busy) = targets.iter().find(|a| self.in_flight.contains(&a.id)) {
+            let _ = reply.send(Err(tonic::Status::failed_precondition(format!(
+                "pid {} is being reclaimed already",
+                busy.id.pid
+            ))));
+            return;
+        }
+        let mut waiting = HashSet::new();
+        for a in targets {
+            let id = a.id;
+            let job = Job {
+                exe: std::fs::read_link(self.proc_root.join(id.pid.to_string()).join("exe")).ok(),
+                cgroup: scan::cgroup_of(&self.proc_root, id.pid).unwrap_or_default(),
+                assessment: a,
+                manual: Some(Manual {
+                    reason: m.reason.clone(),
+                    dry_run: m.dry_run,
+                    uid: m.uid,
+                }),
+            };
+            if jobs.try_send(job).is_err() {
+                self.queue_full += 1;
+                break;
+            }
+            self.in_flight.insert(id);
+            waiting.insert(id);
+        }
+        if waiting.is_empty() {
+            let _ = reply.send(Err(tonic::Status::resource_exhausted(
+                "the reclaim queue is full; try again",
+            )));
+            return;
+        }
+        tracing::info!(pid = m.pid, session = %m.session_key, dry_run = m.dry_run, uid = m.uid,
+            reason = %m.reason, holders = waiting.len(), "manual reclaim requested");
+        self.manual.push(ManualWait {
+            waiting,
+            ids: Vec::new(),
+            reply,
+        });
     }
 }
 
@@ -346,6 +656,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         btf_path: cfg.probe.btf.clone(),
     })?;
     let mut gpu = Some(GpuInventory::new(&gpu_opts)?);
+    // The API's socket is bound before anything else can fail late: a daemon that cannot
+    // answer its operators does not start.
+    let api_listener = api::bind(&cfg.api).await?;
+    let admin_gid = api::admin_gid(&cfg.api)?;
+    if cfg.api.listen.is_some() {
+        return Err(api::ApiError::TcpUnsupported.into());
+    }
     let mut exec = Executor::new(
         cfg.clone(),
         ledger.clone(),
@@ -354,6 +671,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             pids: scan::self_and_ancestors(&proc_root).into_iter().collect(),
         },
     );
+    let breaker = exec.breaker_flag();
     let (job_tx, mut job_rx) = mpsc::channel::<Job>(cfg.policy.queue);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let executor_thread = std::thread::Builder::new()
@@ -376,9 +694,38 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         decided: HashSet::new(),
         dying: HashMap::new(),
         queue_full: 0,
+        last: None,
+        started: std::time::Instant::now(),
+        events_seen: 0,
+        events_dropped: 0,
+        breaker,
+        events: broadcast::channel(1024).0,
+        verdicts: HashMap::new(),
+        announced: HashSet::new(),
+        manual: Vec::new(),
     };
+    let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
+    let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
+    let api_task = tokio::spawn({
+        let svc = api::ReclaimdService {
+            core: api_tx,
+            events: core.events.clone(),
+            ledger: core.ledger.clone(),
+            access: api::access::Access { admin_gid },
+        };
+        let socket = cfg.api.socket.clone();
+        async move {
+            let stop = async {
+                let _ = api_stop_rx.await;
+            };
+            if let Err(error) = api::serve(api_listener, &socket, svc, stop).await {
+                tracing::error!(%error, "API server failed");
+            }
+        }
+    });
     tracing::info!(services = cfg.services.len(), mode = ?cfg.policy.mode,
-        ledger = %cfg.ledger_path.display(), ports = ?cfg.watched_ports(), "reclaimd running");
+        ledger = %cfg.ledger_path.display(), ports = ?cfg.watched_ports(),
+        api = %cfg.api.socket.display(), "reclaimd running");
 
     let mut batch: Vec<Received> = Vec::with_capacity(1024);
     let mut sweep = tokio::time::interval(cfg.policy.sweep);
@@ -396,6 +743,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             read = probe.read_batch(&mut batch) => {
                 read?;
                 let mut death = false;
+                core.events_seen += batch.len() as u64;
                 for r in batch.drain(..) {
                     death |= core.on_event(&r.event);
                 }
@@ -411,7 +759,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     tracing::warn!(lost = drops - last_drops, "kernel events lost: resynchronising from /proc");
                     last_drops = drops;
                 }
+                core.events_dropped = drops;
             }
+            Some(req) = api_rx.recv() => core.on_api(req, &job_tx),
             Some(done) = done_rx.recv() => core.on_done(&done),
             _ = tokio::time::sleep_until(wake), if can_start && due.is_some() => {
                 due = None;
@@ -438,6 +788,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     tracing::info!("stopping: waiting for the action in progress");
+    // Clients get a moment to finish; open watch streams never would, so then they are cut.
+    let _ = api_stop_tx.send(());
+    let abort = api_task.abort_handle();
+    if tokio::time::timeout(API_DRAIN, api_task).await.is_err() {
+        abort.abort();
+        let _ = std::fs::remove_file(&cfg.api.socket);
+    }
     drop(job_tx);
     let _ = tokio::task::spawn_blocking(move || executor_thread.join()).await;
     drop(probe);

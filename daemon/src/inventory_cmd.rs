@@ -2,7 +2,7 @@
 use std::io::{self, Write};
 
 use crate::{
-    gpu::{GpuInventory, GpuOptions, HolderStatus, Inventory, NvmlStatus, in_host_pid_namespace},
+    gpu::{GpuInventory, GpuOptions, Inventory, NvmlStatus, in_host_pid_namespace},
     human,
 };
 
@@ -67,11 +67,7 @@ fn write_text(out: &mut impl Write, inv: &Inventory) -> io::Result<()> {
         "PID", "COMM", "STATUS", "GPU MEMORY"
     )?;
     for h in inv.holders.values() {
-        let status = match h.status {
-            HolderStatus::Live => "live",
-            HolderStatus::NotInProc => "not-in-proc",
-            HolderStatus::NoDeviceFd => "no-device-fd",
-        };
+        let status = h.status.as_str();
         let mem = if h.memory.is_empty() {
             "-".to_owned()
         } else if h.bytes_unknown() {

@@ -104,7 +104,7 @@ pub enum Action {
 }
 
 impl Action {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Action::Reclaim => "reclaim",
             Action::Skip => "skip",

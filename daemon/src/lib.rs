@@ -2,6 +2,7 @@
 //!
 //! See DESIGN.md for the architecture; data moves one way, kernel → probe → model →
 //! reconcile → reclaim → ledger/telemetry.
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod daemon;

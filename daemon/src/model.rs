@@ -107,6 +107,28 @@ pub struct BoundSession {
     pub death: Option<Death>,
 }
 
+fn death_of(e: Exited) -> Death {
+    Death {
+        at: e.at,
+        cause: match e.status {
+            None => "gone (missing from /proc)".to_owned(),
+            Some(ExitStatus::Code(c)) => format!("exited with code {c}"),
+            Some(ExitStatus::Signal(s)) => format!("killed by signal {s}"),
+        },
+    }
+}
+
+/// A session as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub kind: &'static str,
+    pub key: String,
+    pub service: String,
+    pub death: Option<Death>,
+    /// The process session's root, or the connection's owner (0 until known).
+    pub pid: u32,
+}
+
 /// Dead sessions are kept this long after their death, then dropped (invariant 5).
 pub const RETENTION: Ns = 120 * 1_000_000_000;
 
@@ -194,6 +216,40 @@ impl Model {
         self.procs
             .get(&id.pid)
             .is_some_and(|p| p.exited.is_some() && p.start_time == Some(id.start_time))
+    }
+
+    /// Every session in the table: service roots (a process in a service whose parent is
+    /// not in the same service) and connections on service ports.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = Vec::new();
+        for (pid, p) in &self.procs {
+            let (Some(start_time), Some(service)) = (p.start_time, self.direct_service(*pid))
+            else {
+                continue;
+            };
+            if self
+                .direct_service(p.ppid)
+                .is_some_and(|parent| parent.name == service.name)
+            {
+                continue;
+            }
+            out.push(SessionInfo {
+                kind: "process",
+                key: format!("pid:{pid}@{start_time}"),
+                service: service.name.clone(),
+                death: p.exited.map(death_of),
+                pid: *pid,
+            });
+        }
+        out.extend(self.conns.values().map(|c| SessionInfo {
+            kind: "connection",
+            key: c.key.to_string(),
+            service: c.service.clone(),
+            death: c.death.clone(),
+            pid: c.owner_tgid,
+        }));
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
     }
 
     /// Table sizes (processes, connections, pinned holders), for logs and memory checks.
@@ -483,14 +539,7 @@ impl Model {
     pub fn process_death(&mut self, id: ProcId, now: Ns) -> Option<Death> {
         match self.procs.get(&id.pid) {
             Some(p) if p.start_time == Some(id.start_time) || p.start_time.is_none() => {
-                p.exited.map(|e| Death {
-                    at: e.at,
-                    cause: match e.status {
-                        None => "gone (missing from /proc)".to_owned(),
-                        Some(ExitStatus::Code(c)) => format!("exited with code {c}"),
-                        Some(ExitStatus::Signal(s)) => format!("killed by signal {s}"),
-                    },
-                })
+                p.exited.map(death_of)
             }
             _ => {
                 let at = *self.noticed_dead.entry(id).or_insert(now);

@@ -42,6 +42,19 @@ pub struct Assessment {
     pub verdict: Verdict,
 }
 
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Live => "live",
+            Verdict::Pending { .. } => "pending",
+            Verdict::Orphan => "orphan",
+            Verdict::Unmanaged => "unmanaged",
+            Verdict::Untrusted => "untrusted",
+            Verdict::Exiting => "exiting",
+        }
+    }
+}
+
 /// Grace under memory pressure: halved above `soft`, none above `hard`.
 pub fn effective_grace(grace: Duration, pressure: f64, soft: f64, hard: f64) -> Duration {
     if pressure >= hard {

@@ -374,6 +374,21 @@ impl Daemon {
 
     /// Writes a config for `gpu` in its directory; returns the config's and ledger's paths.
     pub fn write_config(gpu: &FakeGpu, policy: &str, services: &str) -> (PathBuf, PathBuf) {
+        Self::write_config_api(gpu, policy, "", services)
+    }
+
+    /// The API socket of a daemon started on a config from `write_config`.
+    pub fn api_socket(gpu: &FakeGpu) -> PathBuf {
+        gpu.dir.path().join("api.sock")
+    }
+
+    /// As `write_config`, with more `[api]` lines.
+    pub fn write_config_api(
+        gpu: &FakeGpu,
+        policy: &str,
+        api: &str,
+        services: &str,
+    ) -> (PathBuf, PathBuf) {
         let dir = gpu.dir.path();
         let config = dir.join("config.toml");
         let ledger = dir.join("ledger.db");
@@ -381,10 +396,12 @@ impl Daemon {
             &config,
             format!(
                 "[policy]\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
-                 device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n{services}\n",
+                 device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n\
+                 [api]\nsocket = \"{}\"\n{api}\n\n{services}\n",
                 gpu.lib.display(),
                 gpu.device_glob(),
-                ledger.display()
+                ledger.display(),
+                Self::api_socket(gpu).display()
             ),
         )
         .expect("write config");

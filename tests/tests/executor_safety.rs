@@ -95,6 +95,7 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
         },
         exe: None,
         cgroup: "/".to_owned(),
+        manual: None,
     }
 }
 

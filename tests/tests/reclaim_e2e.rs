@@ -274,6 +274,21 @@ fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
     let flood = Workload::spawn(&workload(), &["flood", "2000"]);
     let _ = flood.finish();
     kill(s.server.pid());
+    // A signal is acted on when its target next runs: wait until the server has really
+    // exited (a zombie: past the exit tracepoint) before the daemon may read again.
+    let stat = format!("/proc/{}/stat", s.server.pid());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&stat).is_ok_and(|t| {
+        t.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not die"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // SAFETY: as above.
     unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) };
     let r = wait_for_record(&d.ledger, s.worker, WAIT);

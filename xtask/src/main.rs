@@ -163,7 +163,54 @@ fn setup(root: &Path) -> Result<()> {
     rust_components()?;
     bpf_linker(root)?;
     debian_packages()?;
+    python_packages()?;
     Ok(())
+}
+
+/// The generic gRPC client the API tests use (grpcio: not our code, so it proves the API is
+/// usable without our client).
+const PYTHON_PACKAGES: &[&str] = &["grpcio", "grpcio-health-checking", "grpcio-reflection"];
+
+fn python_packages() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import grpc, grpc_health.v1, grpc_reflection.v1alpha"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    if !Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        step("apt-get install python3 python3-pip");
+        let apt = Path::new("apt-get");
+        run_cmd(as_root(apt).arg("update").arg("-q"))?;
+        run_cmd(
+            as_root(apt)
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(["python3", "python3-pip"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    step(&format!("pip install {}", PYTHON_PACKAGES.join(" ")));
+    run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            // Debian's own python refuses global installs unless told; pyenv's ignores this.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .args(PYTHON_PACKAGES),
+    )
 }
 
 fn rust_components() -> Result<()> {

@@ -63,6 +63,14 @@ pub enum HolderStatus {
 }
 
 impl HolderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HolderStatus::Live => "live",
+            HolderStatus::NotInProc => "not-in-proc",
+            HolderStatus::NoDeviceFd => "no-device-fd",
+        }
+    }
+
     /// Only a live holder with a device fd is ever a candidate for action (invariant 7).
     pub fn actionable(self) -> bool {
         self == Self::Live

@@ -37,6 +37,17 @@ pub struct Job {
     pub assessment: Assessment,
     pub exe: Option<PathBuf>,
     pub cgroup: String,
+    /// Asked for through the API rather than decided by the daemon.
+    pub manual: Option<Manual>,
+}
+
+/// An operator's reclaim request: the safety screen still applies, report mode does not.
+#[derive(Debug, Clone)]
+pub struct Manual {
+    pub reason: String,
+    pub dry_run: bool,
+    /// Who asked (peer credentials of the API client).
+    pub uid: u32,
 }
 
 /// What became of a job.
@@ -54,6 +65,8 @@ pub struct Executor {
     ledger: Arc<Mutex<Ledger>>,
     gpu: GpuInventory,
     breaker: Breaker,
+    /// The breaker's state, for the API (the executor runs on a thread of its own).
+    tripped: Arc<std::sync::atomic::AtomicBool>,
     never: Untouchable,
 }
 
@@ -199,8 +212,13 @@ impl Executor {
             ledger,
             gpu,
             breaker,
+            tripped: Arc::default(),
             never,
         }
+    }
+
+    pub fn breaker_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.tripped.clone()
     }
 
     pub fn breaker_tripped(&self) -> bool {
@@ -251,12 +269,35 @@ impl Executor {
             &self.cfg,
             &self.never,
         );
+        // An operator's explicit request overrides report mode, never the safety screen.
+        let refusal = match (refusal, &job.manual) {
+            (Err(policy::Refusal::Report), Some(_)) => Ok(()),
+            (r, _) => r,
+        };
         if let Err(r) = refusal {
             tracing::info!(reason = %r.reason(), "orphan not reclaimed");
-            done.ledger_id = self.record(&decision(a, &job.cgroup, Action::Skip, r.reason()));
+            let reason = match &job.manual {
+                Some(m) => format!("manual request refused: {} ({})", r.reason(), m.reason),
+                None => r.reason(),
+            };
+            done.ledger_id = self.record(&decision(a, &job.cgroup, Action::Skip, reason));
             return done;
         }
-        if !self.breaker.allow(Instant::now()) {
+        if let Some(m) = job.manual.as_ref().filter(|m| m.dry_run) {
+            done.ledger_id = self.record(&decision(
+                a,
+                &job.cgroup,
+                Action::Skip,
+                format!("dry run by uid {}: would reclaim ({})", m.uid, m.reason),
+            ));
+            return done;
+        }
+        let allowed = self.breaker.allow(Instant::now());
+        self.tripped.store(
+            self.breaker.is_tripped(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if !allowed {
             done.ledger_id = self.record(&decision(
                 a,
                 &job.cgroup,
@@ -265,11 +306,14 @@ impl Executor {
             ));
             return done;
         }
-        let reason = format!(
-            "orphaned: every session dead for >= {:?} ({})",
-            a.grace,
-            a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("")
-        );
+        let reason = match &job.manual {
+            Some(m) => format!("manual request by uid {}: {}", m.uid, m.reason),
+            None => format!(
+                "orphaned: every session dead for >= {:?} ({})",
+                a.grace,
+                a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("")
+            ),
+        };
         // Invariant 3: nothing happens that the ledger does not hold first.
         let Some(ledger_id) = self.record(&decision(a, &job.cgroup, Action::Reclaim, reason))
         else {

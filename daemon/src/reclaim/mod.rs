@@ -6,6 +6,6 @@ pub mod hook;
 pub mod policy;
 
 pub use self::{
-    executor::{Done, Executor, Job},
+    executor::{Done, Executor, Job, Manual},
     policy::{Refusal, Untouchable},
 };

@@ -319,6 +319,43 @@ fn main() {
                 unsafe { libc::waitpid(p, &mut status, 0) };
             }
         }
+        // api-as-nobody SOCKET PID: as uid/gid 65534, ask the API for its status and to reclaim
+        // PID; prints "status <code>" and "reclaim <code>" (gRPC code names).
+        "api-as-nobody" => {
+            let socket = arg(&args, 2, "socket");
+            let pid: u32 = arg(&args, 3, "pid").parse().expect("pid");
+            // SAFETY: dropping privileges in a single-threaded process, group first.
+            unsafe {
+                assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+                assert_eq!(libc::setgid(65534), 0, "setgid");
+                assert_eq!(libc::setuid(65534), 0, "setuid");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                use reclaimd::api::pb;
+                let mut c = reclaimd::api::client::connect(std::path::Path::new(&socket))
+                    .await
+                    .expect("connect as nobody");
+                let code = |r: Result<(), tonic::Status>| match r {
+                    Ok(()) => "Ok".to_owned(),
+                    Err(s) => format!("{:?}", s.code()),
+                };
+                let status = c.get_status(pb::GetStatusRequest {}).await.map(|_| ());
+                say(&format!("status {}", code(status)));
+                let reclaim = c
+                    .reclaim(pb::ReclaimRequest {
+                        pid,
+                        reason: "test: not an admin".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ());
+                say(&format!("reclaim {}", code(reclaim)));
+            });
+        }
         // cuda-hold MIB: allocate MIB of GPU memory through the CUDA driver API (libcuda,
         // shipped with the driver) and keep it until stdin closes.
         "cuda-hold" => {

@@ -1,0 +1,505 @@
+//! The gRPC API through the real server on a temp Unix socket, with the daemon watching real
+//! processes and the fake NVML. Root only (the daemon loads eBPF programs).
+use std::time::Duration;
+
+use reclaimd::api::{
+    client,
+    pb::{self, event::Kind},
+};
+use reclaimd_tests::{Daemon, FakeGpu, Workload, alive, ledger_records, wait_for_record};
+use tonic::Code;
+
+fn workload() -> String {
+    reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+const DEVICE: &str = "device 0 GPU-api 16384 Fake H100";
+const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
+const MIB: u64 = 1 << 20;
+
+struct Service {
+    server: Workload,
+    worker: u32,
+}
+
+/// Services, each a server with one worker holding the device; all listed with 64 MiB.
+fn services(gpu: &FakeGpu, n: usize) -> Vec<Service> {
+    let device = gpu.device_file(0);
+    let v: Vec<Service> = (0..n)
+        .map(|_| {
+            let server = Workload::spawn(
+                &workload(),
+                &["server", "llm-server", device.to_str().unwrap()],
+            );
+            let worker = server.line("worker").parse().unwrap();
+            Service { server, worker }
+        })
+        .collect();
+    let procs: String = v
+        .iter()
+        .map(|s| format!("proc 0 {} 64 compute\n", s.worker))
+        .collect();
+    gpu.set_state(&format!("{DEVICE}\n{procs}"));
+    v
+}
+
+fn kill(pid: u32) {
+    // SAFETY: a process of this test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+fn start(gpu: &FakeGpu, policy: &str) -> Daemon {
+    let (config, ledger) = Daemon::write_config_api(
+        gpu,
+        &format!("sweep = \"200ms\"\n{policy}"),
+        "group = \"nogroup\"",
+        LLM,
+    );
+    Daemon::start_with(config, ledger)
+}
+
+async fn connect(gpu: &FakeGpu) -> pb::reclaimd_client::ReclaimdClient<tonic::transport::Channel> {
+    client::connect(&Daemon::api_socket(gpu))
+        .await
+        .expect("connect to the API socket")
+}
+
+/// Holders until `pred` holds for the list (snapshots come with sweeps).
+async fn holders_until(
+    c: &mut pb::reclaimd_client::ReclaimdClient<tonic::transport::Channel>,
+    req: pb::ListHoldersRequest,
+    pred: impl Fn(&[pb::Holder]) -> bool,
+) -> Vec<pb::Holder> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let h = c
+            .list_holders(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .holders;
+        if pred(&h) {
+            return h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holders never matched: {h:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn invalid(r: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
+    let s = r.expect_err("must be refused");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains(field), "message names {field}: {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_filters_paging_and_bad_arguments() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = start(&gpu, "grace = \"0s\"");
+    let s = services(&gpu, 3);
+    let mut c = connect(&gpu).await;
+    holders_until(&mut c, Default::default(), |h| {
+        s.iter()
+            .all(|s| h.iter().any(|x| x.pid == s.worker && x.verdict == "live"))
+    })
+    .await;
+    // Two sessions die; report mode keeps their workers, as orphans.
+    kill(s[0].server.pid());
+    kill(s[1].server.pid());
+    for w in [s[0].worker, s[1].worker] {
+        wait_for_record(&d.ledger, w, WAIT);
+    }
+
+    let st = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(st.policy_mode, "report");
+    assert_eq!(st.probe_mode, "ebpf");
+    assert!(st.nvml_available, "{st:?}");
+    assert!(st.events_seen > 0);
+    assert_eq!(st.queue_capacity, 1024);
+    assert!(!st.breaker_tripped);
+    let dev = &st.devices[0];
+    assert_eq!(
+        (dev.uuid.as_str(), dev.total_bytes),
+        ("GPU-api", 16384 * MIB)
+    );
+    assert_eq!(dev.used_bytes, 3 * 64 * MIB);
+    assert_eq!(dev.orphaned_bytes, 2 * 64 * MIB, "{dev:?}");
+
+    let orphans = c
+        .list_holders(pb::ListHoldersRequest {
+            verdict: "orphan".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .holders;
+    let mut pids: Vec<u32> = orphans.iter().map(|h| h.pid).collect();
+    pids.sort_unstable();
+    let mut want = vec![s[0].worker, s[1].worker];
+    want.sort_unstable();
+    assert_eq!(pids, want);
+    let live = c
+        .list_holders(pb::ListHoldersRequest {
+            service: "llm".into(),
+            verdict: "live".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .holders;
+    assert_eq!(live.len(), 1);
+    let h = &live[0];
+    assert_eq!(
+        (h.pid, h.comm.as_str(), h.status.as_str()),
+        (s[2].worker, "gpu-worker", "live")
+    );
+    assert_eq!(h.memory[0].bytes, Some(64 * MIB));
+    assert_eq!(h.memory[0].gpu_uuid, "GPU-api");
+    assert!(!h.device_files.is_empty());
+    let root_key = format!("pid:{}@", s[2].server.pid());
+    assert!(h.session_keys[0].starts_with(&root_key), "{h:?}");
+
+    let live_sessions = c
+        .list_sessions(pb::ListSessionsRequest {
+            service: "llm".into(),
+            include_dead: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert!(
+        live_sessions
+            .iter()
+            .any(|x| x.key.starts_with(&root_key) && !x.dead && x.kind == "process"),
+        "{live_sessions:#?}"
+    );
+    let dead_key = format!("pid:{}@", s[0].server.pid());
+    assert!(!live_sessions.iter().any(|x| x.key.starts_with(&dead_key)));
+    let all = c
+        .list_sessions(pb::ListSessionsRequest {
+            service: String::new(),
+            include_dead: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let dead = all
+        .iter()
+        .find(|x| x.key.starts_with(&dead_key))
+        .expect("dead session kept");
+    assert!(
+        dead.dead && dead.death_cause == "killed by signal 9",
+        "{dead:?}"
+    );
+
+    // The ledger: two skipped decisions, newest first, a page at a time.
+    let page = |size, token: String| pb::ListReclaimsRequest {
+        page_size: size,
+        page_token: token,
+        ..Default::default()
+    };
+    let p1 = c
+        .list_reclaims(page(1, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p1.reclaims.len(), 1);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = c
+        .list_reclaims(page(1, p1.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p2.reclaims.len(), 1);
+    assert!(p2.next_page_token.is_empty(), "last page");
+    assert!(p1.reclaims[0].id > p2.reclaims[0].id, "newest first");
+    let all = c
+        .list_reclaims(page(0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.reclaims.len(), 2);
+    assert!(
+        all.reclaims
+            .iter()
+            .all(|r| r.outcome == "skipped" && r.reason == "report mode")
+    );
+    assert_eq!(all.reclaims[0].bytes, Some(64 * MIB));
+    let count = |q: pb::ListReclaimsRequest| {
+        let mut c = c.clone();
+        async move {
+            c.list_reclaims(q)
+                .await
+                .unwrap()
+                .into_inner()
+                .reclaims
+                .len()
+        }
+    };
+    let q = |f: fn(&mut pb::ListReclaimsRequest)| {
+        let mut q = pb::ListReclaimsRequest::default();
+        f(&mut q);
+        q
+    };
+    assert_eq!(count(q(|q| q.outcome = "skipped".into())).await, 2);
+    assert_eq!(count(q(|q| q.outcome = "reclaimed".into())).await, 0);
+    assert_eq!(count(q(|q| q.service = "llm".into())).await, 2);
+    assert_eq!(count(q(|q| q.service = "other".into())).await, 0);
+    let by_pid = pb::ListReclaimsRequest {
+        pid: s[0].worker,
+        ..Default::default()
+    };
+    assert_eq!(count(by_pid).await, 1);
+    let future = pb::ListReclaimsRequest {
+        since_ms: all.reclaims[0].time_ms + 60_000,
+        ..Default::default()
+    };
+    assert_eq!(count(future).await, 0);
+
+    // Bad arguments name the field.
+    invalid(
+        c.list_reclaims(page(5000, String::new())).await,
+        "page_size",
+    );
+    invalid(
+        c.list_reclaims(page(1, "not-a-token".into())).await,
+        "page_token",
+    );
+    invalid(
+        c.list_reclaims(q(|q| q.outcome = "bogus".into())).await,
+        "outcome",
+    );
+    invalid(
+        c.list_reclaims(q(|q| {
+            q.since_ms = 10;
+            q.until_ms = 5
+        }))
+        .await,
+        "since_ms",
+    );
+    invalid(
+        c.list_holders(pb::ListHoldersRequest {
+            verdict: "bogus".into(),
+            ..Default::default()
+        })
+        .await,
+        "verdict",
+    );
+
+    d.stop();
+    for s in s {
+        kill(s.worker);
+        kill(s.server.pid());
+        let _ = s.server.finish();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_reclaim_is_for_admins_and_keeps_every_safety_rule() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = start(&gpu, "grace = \"0s\"");
+    let s = services(&gpu, 1).pop().unwrap();
+    // A holder outside every service.
+    let outsider = Workload::spawn(&workload(), &["hold", gpu.device_file(0).to_str().unwrap()]);
+    outsider.line("holding");
+    let mut c = connect(&gpu).await;
+    holders_until(&mut c, Default::default(), |h| {
+        h.iter().any(|x| x.pid == s.worker && x.verdict == "live")
+            && h.iter()
+                .any(|x| x.pid == outsider.pid() && x.verdict == "unmanaged")
+    })
+    .await;
+
+    // Not root, not in the admin group: may read, may not act; the refusal is on record.
+    let nobody = Workload::spawn(
+        &workload(),
+        &[
+            "api-as-nobody",
+            Daemon::api_socket(&gpu).to_str().unwrap(),
+            &s.worker.to_string(),
+        ],
+    );
+    assert_eq!(nobody.line("status"), "Ok");
+    assert_eq!(nobody.line("reclaim"), "PermissionDenied");
+    let _ = nobody.finish();
+    assert!(alive(s.worker));
+    let refused = ledger_records(&d.ledger);
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.decision.pid == s.worker && r.decision.reason.contains("refused: uid 65534")),
+        "{refused:#?}"
+    );
+
+    let req = |pid, dry_run, reason: &str| pb::ReclaimRequest {
+        pid,
+        dry_run,
+        reason: reason.into(),
+        session_key: String::new(),
+    };
+    invalid(c.reclaim(req(s.worker, false, " ")).await, "reason");
+    let mut both = req(s.worker, false, "x");
+    both.session_key = "pid:1@1".into();
+    invalid(c.reclaim(both).await, "session_key");
+    let missing = c.reclaim(req(4_000_000, false, "x")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+
+    // The safety screen holds for an operator too.
+    let r = c
+        .reclaim(req(outsider.pid(), false, "test: outsider"))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(r[0].outcome, "skipped");
+    assert!(r[0].reason.contains("manual request refused"), "{r:?}");
+    assert!(alive(outsider.pid()));
+
+    let dry = c
+        .reclaim(req(s.worker, true, "test: dry run"))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(dry.len(), 1);
+    assert_eq!(dry[0].outcome, "skipped");
+    assert!(dry[0].reason.contains("dry run by uid 0"), "{dry:?}");
+    assert!(alive(s.worker), "a dry run signalled");
+
+    // Report mode, a live session: an operator's explicit request still acts.
+    let done = c
+        .reclaim(req(s.worker, false, "test: operator asked"))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(done[0].outcome, "reclaimed", "{done:?}");
+    assert_eq!(done[0].bytes_freed, Some(64 * MIB));
+    assert!(
+        done[0]
+            .reason
+            .contains("manual request by uid 0: test: operator asked")
+    );
+    assert!(!alive(s.worker));
+
+    d.stop();
+    kill(s.server.pid());
+    let _ = s.server.finish();
+    let _ = outsider.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_deaths_verdicts_and_outcomes() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"");
+    let mut c = connect(&gpu).await;
+    let mut stream = c
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let s = services(&gpu, 1).pop().unwrap();
+    holders_until(&mut c, Default::default(), |h| {
+        h.iter().any(|x| x.pid == s.worker && x.verdict == "live")
+    })
+    .await;
+    kill(s.server.pid());
+    let (mut died, mut orphan, mut outcome) = (false, false, None);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while outcome.is_none() {
+        let ev = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("events in time")
+            .expect("stream ok")
+            .expect("stream open");
+        assert!(ev.time_ms > 0);
+        match ev.kind.expect("kind") {
+            Kind::SessionDied(x) => {
+                let sess = x.session.unwrap();
+                died |= sess.key.starts_with(&format!("pid:{}@", s.server.pid()))
+                    && sess.death_cause == "killed by signal 9";
+            }
+            Kind::Verdict(v) => orphan |= v.pid == s.worker && v.verdict == "orphan",
+            Kind::Reclaim(r) => {
+                let r = r.record.unwrap();
+                if r.pid == s.worker && r.outcome != "pending" {
+                    outcome = Some(r.outcome);
+                }
+            }
+        }
+    }
+    assert!(died, "no session death event");
+    assert!(orphan, "no orphan verdict event");
+    assert_eq!(outcome.as_deref(), Some("reclaimed"));
+    d.stop();
+    let _ = s.server.finish();
+}
+
+#[test]
+fn a_tcp_listener_without_tls_refuses_to_start() {
+    let gpu = FakeGpu::new(DEVICE);
+    let (config, _) = Daemon::write_config_api(&gpu, "", "listen = \"127.0.0.1:7443\"", LLM);
+    let out = std::process::Command::new(reclaimd_tests::reclaimd_bin())
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("api.listen") && err.contains("TLS"), "{err}");
+}
+
+#[test]
+fn health_and_reflection_answer_a_generic_client() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = start(&gpu, "");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/generic_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(Daemon::api_socket(&gpu))
+        .output()
+        .expect("python3 (cargo xtask setup installs grpcio)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["health"], "SERVING");
+    assert_eq!(v["api_health"], "SERVING");
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(services.contains(&"reclaimd.v1.Reclaimd"), "{services:?}");
+    assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
+    assert_eq!(
+        v["methods"],
+        serde_json::json!([
+            "GetStatus",
+            "ListSessions",
+            "ListHolders",
+            "ListReclaims",
+            "WatchEvents",
+            "Reclaim"
+        ])
+    );
+    // A call built from reflection alone reaches the daemon.
+    assert_eq!(v["status"]["policyMode"], "report");
+    assert_eq!(v["status"]["devices"][0]["uuid"], "GPU-api");
+    d.stop();
+}
