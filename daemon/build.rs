@@ -36,6 +36,8 @@ fn proto() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("reclaimd_v1_descriptor.bin"))
+        // reclaimctl --json prints the messages as they are.
+        .type_attribute(".reclaimd.v1", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/reclaimd/v1/reclaimd.proto"], &["proto"])
         .context("compiling proto/reclaimd/v1/reclaimd.proto")
 }

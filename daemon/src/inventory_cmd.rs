@@ -52,11 +52,7 @@ fn write_text(out: &mut impl Write, inv: &Inventory) -> io::Result<()> {
             index,
             d.uuid,
             d.name,
-            format!(
-                "{} / {}",
-                human::bytes(d.used_bytes),
-                human::bytes(d.total_bytes)
-            ),
+            human::used_of(d.used_bytes, d.total_bytes),
             human::bytes(d.attributed_bytes),
             human::bytes(d.unattributed_bytes),
         )?;

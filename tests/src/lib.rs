@@ -38,6 +38,11 @@ pub fn reclaimd_bin() -> PathBuf {
     built("RECLAIMD_BIN", "reclaimd")
 }
 
+/// The client binary: `RECLAIMCTL_BIN`, else beside the daemon.
+pub fn reclaimctl_bin() -> PathBuf {
+    built("RECLAIMCTL_BIN", "reclaimctl")
+}
+
 /// The fake NVML library as cargo built it: `FAKE_NVML_LIB`, else beside the test.
 pub fn fake_nvml_lib() -> PathBuf {
     built("FAKE_NVML_LIB", "libnvidia_ml.so")

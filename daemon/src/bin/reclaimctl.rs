@@ -1,0 +1,497 @@
+//! `reclaimctl`: ask a running reclaimd what it sees and what it did, over its gRPC socket.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+use reclaimd::{
+    api::{client, pb},
+    config::DEFAULT_API_SOCKET,
+    human,
+    reclaim::executor::unix_ms,
+};
+use tonic::Code;
+
+/// Query reclaimd: its status, sessions, GPU holders and the reclaim ledger; watch it live;
+/// ask it to reclaim a holder.
+///
+/// Exit codes: 0 ok; 1 error; 2 bad usage; 3 reclaimd not reachable; 4 permission denied;
+/// 5 not found; 6 a reclaim was refused or did not free the memory.
+#[derive(Debug, Parser)]
+#[command(name = "reclaimctl", version)]
+struct Cli {
+    /// The daemon's socket ([api] socket in its config).
+    #[arg(long, global = true, env = "RECLAIMD_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON (one object; `watch`: one per line) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The daemon, its GPUs and its policy.
+    Status,
+    /// Sessions: service process trees and connections on service ports.
+    Sessions {
+        #[arg(long)]
+        service: Option<String>,
+        /// Include dead sessions still kept (they bind orphans).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Processes holding GPU memory or device files, with their verdicts.
+    Holders {
+        #[arg(long)]
+        service: Option<String>,
+        /// live, pending, orphan, unmanaged, untrusted or exiting.
+        #[arg(long)]
+        verdict: Option<String>,
+    },
+    /// The ledger: decisions and outcomes, newest first.
+    Reclaims {
+        /// Only the last DURATION, e.g. 1h, 30m, 2d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        service: Option<String>,
+        /// pending, reclaimed, failed, skipped, released or interrupted.
+        #[arg(long)]
+        outcome: Option<String>,
+        #[arg(long)]
+        pid: Option<u32>,
+        /// At most this many records (fetched a page at a time).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Stream session deaths, verdict changes and reclaim outcomes until interrupted.
+    Watch,
+    /// Reclaim a holder now (root or [api] admin_group only), through the daemon's safety
+    /// rules and ledger.
+    Reclaim {
+        /// The holder's pid.
+        #[arg(long, required_unless_present = "session", conflicts_with = "session")]
+        pid: Option<u32>,
+        /// Every holder bound to this session key (see `reclaimctl sessions`).
+        #[arg(long)]
+        session: Option<String>,
+        /// Record what would happen; signal nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the ledger.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// An error a person can act on, with the exit code scripts can test.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn from_status(s: tonic::Status, socket: &Path) -> Failure {
+    let (code, message) = match s.code() {
+        Code::PermissionDenied => (4, format!("permission denied: {}", s.message())),
+        Code::NotFound => (5, s.message().to_owned()),
+        Code::InvalidArgument => (2, format!("invalid argument: {}", s.message())),
+        Code::Unavailable => (
+            3,
+            format!(
+                "reclaimd at {} is not answering: {}",
+                socket.display(),
+                s.message()
+            ),
+        ),
+        _ => (1, format!("{:?}: {}", s.code(), s.message())),
+    };
+    Failure { code, message }
+}
+
+fn connect_failure(e: &tonic::transport::Error, socket: &Path) -> Failure {
+    // The io::Error is a few sources down (tonic → hyper → io).
+    let mut io = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(x) = err.downcast_ref::<std::io::Error>() {
+            io = Some(x.kind());
+            break;
+        }
+        cur = err.source();
+    }
+    let why = match io {
+        Some(std::io::ErrorKind::NotFound) | Some(std::io::ErrorKind::ConnectionRefused) => {
+            "reclaimd is not running (or listens elsewhere: --socket, [api] socket)".to_owned()
+        }
+        Some(std::io::ErrorKind::PermissionDenied) => {
+            "permission denied: run as root or as a member of the socket's group ([api] group)"
+                .to_owned()
+        }
+        _ => e.to_string(),
+    };
+    Failure {
+        code: if io == Some(std::io::ErrorKind::PermissionDenied) {
+            4
+        } else {
+            3
+        },
+        message: format!("cannot reach {}: {why}", socket.display()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reclaimctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): done.
+        Err(f) if f.code == 0 => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("reclaimctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    let s = serde_json::to_string(v).map_err(|e| Failure {
+        code: 1,
+        message: e.to_string(),
+    })?;
+    out(&s)
+}
+
+/// Writes a line; a closed pipe (`| head`) ends quietly.
+fn out(line: &str) -> Result<(), Failure> {
+    let mut o = std::io::stdout().lock();
+    match writeln!(o, "{line}").and_then(|_| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure {
+            code: 0,
+            message: String::new(),
+        }),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: e.to_string(),
+        }),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let socket = cli.socket.clone();
+    let mut c = client::connect(&socket)
+        .await
+        .map_err(|e| connect_failure(&e, &socket))?;
+    let st = |s| from_status(s, &socket);
+    match cli.command {
+        Command::Status => {
+            let s = c
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            if cli.json {
+                return json(&s);
+            }
+            print_status(&s)
+        }
+        Command::Sessions { service, all } => {
+            let r = c
+                .list_sessions(pb::ListSessionsRequest {
+                    service: service.unwrap_or_default(),
+                    include_dead: all,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if cli.json {
+                return json(&r);
+            }
+            out(&format!(
+                "{:<11} {:<12} {:>8}  {:<16} SESSION",
+                "KIND", "SERVICE", "PID", "STATE"
+            ))?;
+            for s in &r.sessions {
+                let state = if s.dead {
+                    format!(
+                        "dead {}",
+                        s.death_time_ms
+                            .map(|t| human::ago(t, unix_ms()))
+                            .unwrap_or_default()
+                    )
+                } else {
+                    "live".to_owned()
+                };
+                out(&format!(
+                    "{:<11} {:<12} {:>8}  {:<16} {}{}",
+                    s.kind,
+                    s.service,
+                    s.pid,
+                    state,
+                    s.key,
+                    if s.dead {
+                        format!(" ({})", s.death_cause)
+                    } else {
+                        String::new()
+                    }
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Holders { service, verdict } => {
+            let r = c
+                .list_holders(pb::ListHoldersRequest {
+                    service: service.unwrap_or_default(),
+                    verdict: verdict.unwrap_or_default(),
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if cli.json {
+                return json(&r);
+            }
+            out(&format!(
+                "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} SESSIONS",
+                "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT"
+            ))?;
+            for h in &r.holders {
+                let known: u64 = h.memory.iter().filter_map(|m| m.bytes).sum();
+                let unknown = h.memory.iter().any(|m| m.bytes.is_none());
+                let mem = match (h.memory.is_empty(), unknown) {
+                    (true, _) => "-".to_owned(),
+                    (false, true) => format!("{}+?", human::bytes(known)),
+                    (false, false) => human::bytes(known),
+                };
+                let grace = if h.verdict == "pending" {
+                    human::millis(h.grace_left_ms as i64)
+                } else {
+                    "-".to_owned()
+                };
+                out(&format!(
+                    "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {}",
+                    h.pid,
+                    h.comm,
+                    if h.service.is_empty() {
+                        "-"
+                    } else {
+                        &h.service
+                    },
+                    h.verdict,
+                    mem,
+                    grace,
+                    h.session_keys.join(",")
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Reclaims {
+            since,
+            service,
+            outcome,
+            pid,
+            limit,
+        } => {
+            let mut records = Vec::new();
+            let mut token = String::new();
+            while records.len() < limit {
+                let page = c
+                    .list_reclaims(pb::ListReclaimsRequest {
+                        since_ms: since.map(|d| unix_ms() - d.as_millis() as i64).unwrap_or(0),
+                        service: service.clone().unwrap_or_default(),
+                        outcome: outcome.clone().unwrap_or_default(),
+                        pid: pid.unwrap_or(0),
+                        page_size: (limit - records.len()).min(1000) as u32,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner();
+                records.extend(page.reclaims);
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+            }
+            if cli.json {
+                return json(&records);
+            }
+            print_records(&records)
+        }
+        Command::Watch => {
+            let mut stream = c
+                .watch_events(pb::WatchEventsRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            while let Some(ev) = stream.message().await.map_err(st)? {
+                if cli.json {
+                    json(&ev)?;
+                } else {
+                    out(&describe(&ev))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Reclaim {
+            pid,
+            session,
+            dry_run,
+            reason,
+        } => {
+            let r = c
+                .reclaim(pb::ReclaimRequest {
+                    pid: pid.unwrap_or(0),
+                    session_key: session.unwrap_or_default(),
+                    dry_run,
+                    reason,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if cli.json {
+                json(&r.records)?;
+            } else {
+                print_records(&r.records)?;
+            }
+            let wanted = if dry_run { "skipped" } else { "reclaimed" };
+            if r.records.iter().all(|x| x.outcome == wanted) {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 6,
+                    message: "not every holder was reclaimed; see the outcomes above".into(),
+                })
+            }
+        }
+    }
+}
+
+fn print_status(s: &pb::GetStatusResponse) -> Result<(), Failure> {
+    out(&format!(
+        "reclaimd {}, up {}s, probe {}, mode {}{}",
+        s.version,
+        s.uptime_seconds,
+        s.probe_mode,
+        s.policy_mode,
+        if s.breaker_tripped {
+            ", BREAKER TRIPPED: not acting"
+        } else {
+            ""
+        }
+    ))?;
+    out(&format!(
+        "kernel events: {} seen, {} lost; reclaim queue {}/{}",
+        s.events_seen, s.events_dropped, s.queue_depth, s.queue_capacity
+    ))?;
+    if s.nvml_available {
+        out(&format!("NVML: available, driver {}", s.driver_version))?;
+    } else {
+        out(&format!("NVML: unavailable: {}", s.nvml_reason))?;
+    }
+    out(&format!(
+        "\n{:<4} {:<42} {:<22} {:>20} {:>12} {:>12} {:>12}",
+        "IDX", "UUID", "NAME", "USED / TOTAL", "ATTRIBUTED", "UNATTRIB.", "ORPHANED"
+    ))?;
+    for d in &s.devices {
+        // A MIG instance shows as GPU:instance.
+        let index = match s.devices.iter().find(|p| p.uuid == d.parent_uuid) {
+            Some(parent) => format!("{}:{}", parent.index, d.index),
+            None => d.index.to_string(),
+        };
+        out(&format!(
+            "{:<4} {:<42} {:<22} {:>20} {:>12} {:>12} {:>12}",
+            index,
+            d.uuid,
+            d.name,
+            human::used_of(d.used_bytes, d.total_bytes),
+            human::bytes(d.attributed_bytes),
+            human::bytes(d.unattributed_bytes),
+            human::bytes(d.orphaned_bytes)
+        ))?;
+    }
+    Ok(())
+}
+
+fn print_records(records: &[pb::ReclaimRecord]) -> Result<(), Failure> {
+    let now = unix_ms();
+    out(&format!(
+        "{:>6} {:<9} {:<12} {:>8} {:<16} {:<11} {:>10} {:>9}  REASON / DETAIL",
+        "ID", "WHEN", "SERVICE", "PID", "COMM", "OUTCOME", "FREED", "TIME"
+    ))?;
+    for r in records {
+        let detail = if r.detail.is_empty() {
+            r.reason.clone()
+        } else {
+            format!("{} / {}", r.reason, r.detail)
+        };
+        out(&format!(
+            "{:>6} {:<9} {:<12} {:>8} {:<16} {:<11} {:>10} {:>9}  {}",
+            r.id,
+            human::ago(r.time_ms, now),
+            r.service,
+            r.pid,
+            r.comm,
+            r.outcome,
+            r.bytes_freed
+                .map(human::bytes)
+                .unwrap_or_else(|| "-".into()),
+            r.time_to_reclaim_ms
+                .map(human::millis)
+                .unwrap_or_else(|| "-".into()),
+            detail
+        ))?;
+    }
+    Ok(())
+}
+
+fn describe(ev: &pb::Event) -> String {
+    use pb::event::Kind;
+    let at = ev.time_ms;
+    match &ev.kind {
+        Some(Kind::SessionDied(d)) => {
+            let s = d.session.clone().unwrap_or_default();
+            format!(
+                "{at} session-died {} {} {} ({})",
+                s.service, s.kind, s.key, s.death_cause
+            )
+        }
+        Some(Kind::Verdict(v)) => format!(
+            "{at} verdict pid {} {} -> {}{}",
+            v.pid,
+            v.service,
+            v.verdict,
+            v.bytes
+                .map(|b| format!(" holding {}", human::bytes(b)))
+                .unwrap_or_default()
+        ),
+        Some(Kind::Reclaim(r)) => {
+            let r = r.record.clone().unwrap_or_default();
+            format!(
+                "{at} ledger #{} pid {} {} {}: {}{}",
+                r.id,
+                r.pid,
+                r.comm,
+                r.outcome,
+                r.reason,
+                r.bytes_freed
+                    .map(|b| format!(", freed {}", human::bytes(b)))
+                    .unwrap_or_default()
+            )
+        }
+        None => format!("{at} (unknown event)"),
+    }
+}
