@@ -124,6 +124,8 @@ pub struct ApiConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// Events a watcher may fall behind before it is dropped.
+    pub watch_buffer: usize,
 }
 
 pub const DEFAULT_API_SOCKET: &str = "/run/reclaimd/reclaimd.sock";
@@ -170,6 +172,7 @@ impl Default for Config {
                 tls_cert: None,
                 tls_key: None,
                 client_ca: None,
+                watch_buffer: 1024,
             },
         }
     }
@@ -320,6 +323,7 @@ mod raw {
         pub tls_cert: Option<PathBuf>,
         pub tls_key: Option<PathBuf>,
         pub client_ca: Option<PathBuf>,
+        pub watch_buffer: Option<usize>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -489,7 +493,15 @@ mod raw {
                         .to_owned(),
                 ));
             }
+            let watch_buffer = a.watch_buffer.unwrap_or(d.api.watch_buffer);
+            if !(1..=1 << 20).contains(&watch_buffer) {
+                return Err(invalid(
+                    "api.watch_buffer",
+                    format!("{watch_buffer} must be between 1 and 1048576"),
+                ));
+            }
             let api = super::ApiConfig {
+                watch_buffer,
                 socket,
                 group: a.group.unwrap_or(d.api.group),
                 admin_group: a.admin_group,

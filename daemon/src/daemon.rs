@@ -699,7 +699,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         events_seen: 0,
         events_dropped: 0,
         breaker,
-        events: broadcast::channel(1024).0,
+        events: broadcast::channel(cfg.api.watch_buffer).0,
         verdicts: HashMap::new(),
         announced: HashSet::new(),
         manual: Vec::new(),

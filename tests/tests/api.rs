@@ -447,6 +447,88 @@ async fn watch_streams_deaths_verdicts_and_outcomes() {
     let _ = s.server.finish();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watcher_is_dropped_and_slows_nothing() {
+    let gpu = FakeGpu::new(DEVICE);
+    let (config, ledger) = Daemon::write_config_api(
+        &gpu,
+        "sweep = \"200ms\"\ngrace = \"0s\"",
+        "watch_buffer = 16",
+        LLM,
+    );
+    let d = Daemon::start_with(config, ledger);
+    let socket = Daemon::api_socket(&gpu);
+    // A client whose HTTP/2 windows hold one byte: until it reads, nothing gets through.
+    let stalled_channel = client::channel_on(
+        client::endpoint()
+            .initial_stream_window_size(1)
+            .initial_connection_window_size(1),
+        &socket,
+    )
+    .await
+    .unwrap();
+    let mut stalled = pb::reclaimd_client::ReclaimdClient::new(stalled_channel)
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = connect(&gpu).await;
+    let mut fast = c
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Eight sessions die one after another: small bursts (which the buffer holds for a
+    // reader that keeps up), many events in all (more than a stalled reader may miss).
+    let s = services(&gpu, 8);
+    holders_until(&mut c, Default::default(), |h| {
+        s.iter()
+            .all(|s| h.iter().any(|x| x.pid == s.worker && x.verdict == "live"))
+    })
+    .await;
+    // The reader that keeps up sees every outcome, in normal time.
+    for s in &s {
+        kill(s.server.pid());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, fast.message())
+                .await
+                .expect("the fast watcher is not held back")
+                .expect("fast stream ok")
+                .expect("fast stream open");
+            if let Some(Kind::Reclaim(r)) = ev.kind
+                && r.record.unwrap().pid == s.worker
+            {
+                break;
+            }
+        }
+    }
+    // The stalled one, reading at last, gets what was in flight and then a clear status.
+    let mut got = 0;
+    let status = loop {
+        match tokio::time::timeout(WAIT, stalled.message())
+            .await
+            .expect("an answer")
+        {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => panic!("the stream ended without a status after {got} events"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too slow"), "{status:?}");
+    assert!(
+        got <= 16,
+        "more than the buffer reached a stalled client: {got}"
+    );
+    d.stop();
+    for s in s {
+        kill(s.worker);
+        let _ = s.server.finish();
+    }
+}
+
 #[test]
 fn a_tcp_listener_without_tls_refuses_to_start() {
     let gpu = FakeGpu::new(DEVICE);

@@ -6,11 +6,23 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::pb::reclaimd_client::ReclaimdClient;
 
+/// The endpoint `channel` connects with; its URI is required but unused (the connector
+/// dials the socket). Tune it (windows, timeouts) and pass it to `channel_on`.
+pub fn endpoint() -> Endpoint {
+    Endpoint::from_static("http://reclaimd.sock")
+}
+
 /// A channel to the daemon at `socket`. Fails at once when nothing listens there.
 pub async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    channel_on(endpoint(), socket).await
+}
+
+pub async fn channel_on(
+    endpoint: Endpoint,
+    socket: &Path,
+) -> Result<Channel, tonic::transport::Error> {
     let path: PathBuf = socket.to_owned();
-    // The URI is required by the API but unused: the connector dials the socket.
-    Endpoint::from_static("http://reclaimd.sock")
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
