@@ -43,6 +43,12 @@ pub enum DaemonError {
     Signal(#[source] std::io::Error),
 }
 
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 /// How long API clients get to finish when the daemon stops.
 const API_DRAIN: Duration = Duration::from_secs(1);
 
@@ -660,9 +666,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // answer its operators does not start.
     let api_listener = api::bind(&cfg.api).await?;
     let admin_gid = api::admin_gid(&cfg.api)?;
-    if cfg.api.listen.is_some() {
-        return Err(api::ApiError::TcpUnsupported.into());
-    }
+    let tcp = match (cfg.api.listen, api::tls(&cfg.api)?) {
+        (Some(addr), Some(tls)) => Some((api::bind_tcp(addr).await?, tls)),
+        _ => None,
+    };
     let mut exec = Executor::new(
         cfg.clone(),
         ledger.clone(),
@@ -705,24 +712,34 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         manual: Vec::new(),
     };
     let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
-    let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
-    let api_task = tokio::spawn({
-        let svc = api::ReclaimdService {
-            core: api_tx,
-            events: core.events.clone(),
-            ledger: core.ledger.clone(),
-            access: api::access::Access { admin_gid },
-        };
+    let (api_stop_tx, api_stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let svc = api::ReclaimdService {
+        core: api_tx,
+        events: core.events.clone(),
+        ledger: core.ledger.clone(),
+        access: api::access::Access { admin_gid },
+    };
+    let mut api_tasks = Vec::new();
+    if let Some((listener, tls)) = tcp {
+        let (svc, stop) = (svc.clone(), stopped(api_stop_rx.clone()));
+        api_tasks.push(tokio::spawn(async move {
+            if let Err(error) = api::serve_tcp(listener, tls, svc, stop).await {
+                tracing::error!(%error, "API TCP listener failed");
+            }
+        }));
+    }
+    api_tasks.push(tokio::spawn({
         let socket = cfg.api.socket.clone();
+        let stop = stopped(api_stop_rx);
         async move {
-            let stop = async {
-                let _ = api_stop_rx.await;
-            };
             if let Err(error) = api::serve(api_listener, &socket, svc, stop).await {
                 tracing::error!(%error, "API server failed");
             }
         }
-    });
+    }));
     tracing::info!(services = cfg.services.len(), mode = ?cfg.policy.mode,
         ledger = %cfg.ledger_path.display(), ports = ?cfg.watched_ports(),
         api = %cfg.api.socket.display(), "reclaimd running");
@@ -789,10 +806,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopping: waiting for the action in progress");
     // Clients get a moment to finish; open watch streams never would, so then they are cut.
-    let _ = api_stop_tx.send(());
-    let abort = api_task.abort_handle();
-    if tokio::time::timeout(API_DRAIN, api_task).await.is_err() {
-        abort.abort();
+    let _ = api_stop_tx.send(true);
+    let aborts: Vec<_> = api_tasks.iter().map(|t| t.abort_handle()).collect();
+    if tokio::time::timeout(API_DRAIN, futures_join(api_tasks))
+        .await
+        .is_err()
+    {
+        aborts.iter().for_each(|a| a.abort());
         let _ = std::fs::remove_file(&cfg.api.socket);
     }
     drop(job_tx);

@@ -585,3 +585,112 @@ fn health_and_reflection_answer_a_generic_client() {
     assert_eq!(v["status"]["devices"][0]["uuid"], "GPU-api");
     d.stop();
 }
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`.
+fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, usage| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) =
+        leaf(vec!["operator".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let files = [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ];
+    files.map(|(name, text)| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_a_client_certificate_and_is_read_only() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let gpu = FakeGpu::new(DEVICE);
+    let [ca, server_cert, server_key, client_cert, client_key] = certificates(gpu.dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (config, ledger) = Daemon::write_config_api(
+        &gpu,
+        "sweep = \"200ms\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"",
+            server_cert.display(),
+            server_key.display(),
+            ca.display()
+        ),
+        LLM,
+    );
+    let d = Daemon::start_with(config, ledger);
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let endpoint = |tls: ClientTlsConfig| {
+        Endpoint::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+    };
+    let trust = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&ca)))
+        .domain_name("localhost");
+
+    // Without a client certificate: no channel, or no answer.
+    let anonymous = match endpoint(trust.clone()).connect().await {
+        Err(_) => None,
+        Ok(ch) => Some(
+            pb::reclaimd_client::ReclaimdClient::new(ch)
+                .get_status(pb::GetStatusRequest {})
+                .await,
+        ),
+    };
+    assert!(
+        !matches!(anonymous, Some(Ok(_))),
+        "a client without a certificate was served"
+    );
+
+    let ch = endpoint(trust.identity(Identity::from_pem(read(&client_cert), read(&client_key))))
+        .connect()
+        .await
+        .expect("TLS with a client certificate");
+    let mut c = pb::reclaimd_client::ReclaimdClient::new(ch);
+    let st = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (st.version.as_str(), st.policy_mode.as_str()),
+        (env!("CARGO_PKG_VERSION"), "report")
+    );
+    let denied = c
+        .reclaim(pb::ReclaimRequest {
+            pid: std::process::id(),
+            reason: "over TCP".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("Unix socket"), "{denied:?}");
+    d.stop();
+}

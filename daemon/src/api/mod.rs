@@ -41,8 +41,19 @@ pub enum ApiError {
     InUse(PathBuf),
     #[error("[api] {key}: no group named {group:?} on this host")]
     NoGroup { key: &'static str, group: String },
-    #[error("[api] listen: TCP with TLS is not available in this build; use the Unix socket")]
-    TcpUnsupported,
+    #[error("[api] {key} {path}: {source}")]
+    TlsFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("[api] listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -91,6 +102,28 @@ pub fn admin_gid(cfg: &ApiConfig) -> Result<Option<u32>, ApiError> {
     }
 }
 
+/// The services every listener carries: health, reflection (v1 and v1alpha: grpcurl asks
+/// v1, grpcio's client and older tools v1alpha), and the API.
+async fn router(
+    builder: &mut tonic::transport::Server,
+    svc: ReclaimdService,
+) -> Result<tonic::transport::server::Router, ApiError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::reclaimd_server::ReclaimdServer<ReclaimdService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(builder
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(pb::reclaimd_server::ReclaimdServer::new(svc)))
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then removes the socket.
 pub async fn serve(
     listener: UnixListener,
@@ -98,25 +131,61 @@ pub async fn serve(
     svc: ReclaimdService,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::reclaimd_server::ReclaimdServer<ReclaimdService>>()
-        .await;
-    // Both reflection versions: grpcurl asks v1, grpcio's client (and older tools) v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-    let result = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(pb::reclaimd_server::ReclaimdServer::new(svc))
+    let mut builder = tonic::transport::Server::builder();
+    let result = router(&mut builder, svc)
+        .await?
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(socket);
     Ok(result?)
+}
+
+/// The TCP listener's TLS: the server's certificate and key, and the CA whose client
+/// certificates are accepted (clients without one are refused in the handshake).
+pub fn tls(cfg: &ApiConfig) -> Result<Option<tonic::transport::ServerTlsConfig>, ApiError> {
+    let (Some(cert), Some(key), Some(ca)) = (&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca) else {
+        return Ok(None);
+    };
+    let read = |key: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ApiError::TlsFile {
+            key,
+            path: path.clone(),
+            source,
+        })
+    };
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                read("tls_cert", cert)?,
+                read("tls_key", key)?,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                "client_ca",
+                ca,
+            )?))
+            .client_auth_optional(false),
+    ))
+}
+
+/// Binds the TCP listener (checked at start-up, so a taken port stops the daemon).
+pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ApiError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiError::Listen { addr, source })
+}
+
+/// Serves the API over TCP with mutual TLS until `shutdown`. Peers there have no Unix
+/// credentials: they may read, never `Reclaim`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    svc: ReclaimdService,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ApiError> {
+    let mut builder = tonic::transport::Server::builder().tls_config(tls)?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    Ok(router(&mut builder, svc)
+        .await?
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?)
 }

@@ -40,6 +40,7 @@ pub struct ManualReclaim {
     pub uid: u32,
 }
 
+#[derive(Clone)]
 pub struct ReclaimdService {
     pub core: mpsc::Sender<CoreRequest>,
     pub events: broadcast::Sender<pb::Event>,
@@ -249,9 +250,11 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
                 ),
             };
             let _ = self.ledger(move |l| l.record_decision(&d)).await;
-            return Err(Status::permission_denied(
-                "Reclaim needs root or membership of [api] admin_group",
-            ));
+            return Err(Status::permission_denied(if cred.is_some() {
+                "Reclaim needs root or membership of [api] admin_group"
+            } else {
+                "Reclaim is served on the Unix socket only (TCP clients may read)"
+            }));
         }
         if r.reason.trim().is_empty() {
             return Err(Status::invalid_argument(
