@@ -401,6 +401,48 @@ async fn manual_reclaim_is_for_admins_and_keeps_every_safety_rule() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_the_admin_group_may_reclaim() {
+    let gpu = FakeGpu::new(DEVICE);
+    let (config, ledger) = Daemon::write_config_api(
+        &gpu,
+        "sweep = \"200ms\"",
+        "group = \"nogroup\"\nadmin_group = \"nogroup\"",
+        LLM,
+    );
+    let d = Daemon::start_with(config, ledger);
+    let s = services(&gpu, 1).pop().unwrap();
+    let mut c = connect(&gpu).await;
+    holders_until(&mut c, Default::default(), |h| {
+        h.iter().any(|x| x.pid == s.worker && x.verdict == "live")
+    })
+    .await;
+    let nobody = Workload::spawn(
+        &workload(),
+        &[
+            "api-as-nobody",
+            Daemon::api_socket(&gpu).to_str().unwrap(),
+            &s.worker.to_string(),
+            "dry-run",
+        ],
+    );
+    assert_eq!(nobody.line("status"), "Ok");
+    assert_eq!(nobody.line("reclaim"), "Ok", "gid 65534 is the admin group");
+    let _ = nobody.finish();
+    let r = ledger_records(&d.ledger);
+    assert!(
+        r.iter()
+            .any(|r| r.decision.pid == s.worker
+                && r.decision.reason.contains("dry run by uid 65534")),
+        "{r:#?}"
+    );
+    assert!(alive(s.worker));
+    d.stop();
+    kill(s.worker);
+    kill(s.server.pid());
+    let _ = s.server.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_deaths_verdicts_and_outcomes() {
     let gpu = FakeGpu::new(DEVICE);
     let d = start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"");

@@ -319,11 +319,12 @@ fn main() {
                 unsafe { libc::waitpid(p, &mut status, 0) };
             }
         }
-        // api-as-nobody SOCKET PID: as uid/gid 65534, ask the API for its status and to reclaim
-        // PID; prints "status <code>" and "reclaim <code>" (gRPC code names).
+        // api-as-nobody SOCKET PID [dry-run]: as uid/gid 65534, ask the API for its status and
+        // to reclaim PID; prints "status <code>" and "reclaim <code>" (gRPC code names).
         "api-as-nobody" => {
             let socket = arg(&args, 2, "socket");
             let pid: u32 = arg(&args, 3, "pid").parse().expect("pid");
+            let dry_run = args.get(4).is_some_and(|a| a == "dry-run");
             // SAFETY: dropping privileges in a single-threaded process, group first.
             unsafe {
                 assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
@@ -348,7 +349,8 @@ fn main() {
                 let reclaim = c
                     .reclaim(pb::ReclaimRequest {
                         pid,
-                        reason: "test: not an admin".into(),
+                        dry_run,
+                        reason: "test: asked as nobody".into(),
                         ..Default::default()
                     })
                     .await
