@@ -50,10 +50,15 @@ fn kill(pid: u32) {
 }
 
 fn start(gpu: &FakeGpu, policy: &str) -> Daemon {
+    start_api(gpu, policy, "")
+}
+
+/// A daemon whose socket `nobody` may open (group nogroup), with more `[api]` lines.
+fn start_api(gpu: &FakeGpu, policy: &str, api: &str) -> Daemon {
     let (config, ledger) = Daemon::write_config_api(
         gpu,
         &format!("sweep = \"200ms\"\n{policy}"),
-        "group = \"nogroup\"",
+        &format!("group = \"nogroup\"\n{api}"),
         LLM,
     );
     Daemon::start_with(config, ledger)
@@ -403,13 +408,7 @@ async fn manual_reclaim_is_for_admins_and_keeps_every_safety_rule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_the_admin_group_may_reclaim() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = Daemon::write_config_api(
-        &gpu,
-        "sweep = \"200ms\"",
-        "group = \"nogroup\"\nadmin_group = \"nogroup\"",
-        LLM,
-    );
-    let d = Daemon::start_with(config, ledger);
+    let d = start_api(&gpu, "", "admin_group = \"nogroup\"");
     let s = services(&gpu, 1).pop().unwrap();
     let mut c = connect(&gpu).await;
     holders_until(&mut c, Default::default(), |h| {
@@ -492,13 +491,7 @@ async fn watch_streams_deaths_verdicts_and_outcomes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watcher_is_dropped_and_slows_nothing() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = Daemon::write_config_api(
-        &gpu,
-        "sweep = \"200ms\"\ngrace = \"0s\"",
-        "watch_buffer = 16",
-        LLM,
-    );
-    let d = Daemon::start_with(config, ledger);
+    let d = start_api(&gpu, "grace = \"0s\"", "watch_buffer = 16");
     let socket = Daemon::api_socket(&gpu);
     // A client whose HTTP/2 windows hold one byte: until it reads, nothing gets through.
     let stalled_channel = client::channel_on(
