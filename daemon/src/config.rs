@@ -128,12 +128,17 @@ pub struct ApiConfig {
     pub watch_buffer: usize,
 }
 
+/// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 pub const DEFAULT_API_SOCKET: &str = "/run/reclaimd/reclaimd.sock";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub policy: Policy,
     pub api: ApiConfig,
+    /// `[metrics] listen`: the Prometheus endpoint, or `None` when set to "".
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub gpu: GpuConfig,
     pub ledger_path: PathBuf,
     pub probe: ProbeConfig,
@@ -164,6 +169,7 @@ impl Default for Config {
                 btf: PathBuf::from(probe::DEFAULT_BTF_PATH),
             },
             services: Vec::new(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             api: ApiConfig {
                 socket: PathBuf::from(DEFAULT_API_SOCKET),
                 group: "root".to_owned(),
@@ -282,6 +288,8 @@ mod raw {
         #[serde(default)]
         pub api: Api,
         #[serde(default)]
+        pub metrics: Metrics,
+        #[serde(default)]
         pub service: Vec<Service>,
     }
 
@@ -311,6 +319,12 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Ledger {
         pub path: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Metrics {
+        pub listen: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -469,6 +483,16 @@ mod raw {
                 ));
             }
 
+            let metrics_listen = match self.metrics.listen.as_deref() {
+                None => d.metrics_listen,
+                Some("") => None,
+                Some(l) => Some(l.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid(
+                        "metrics.listen",
+                        format!("{l:?} is not an address:port (\"\" turns it off): {e}"),
+                    )
+                })?),
+            };
             let a = self.api;
             let socket = a.socket.unwrap_or(d.api.socket);
             if !socket.is_absolute() {
@@ -607,6 +631,7 @@ mod raw {
                 },
                 ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
                 api,
+                metrics_listen,
                 probe: super::ProbeConfig {
                     ring_bytes,
                     btf: self.probe.btf.unwrap_or(d.probe.btf),

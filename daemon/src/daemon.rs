@@ -39,6 +39,10 @@ pub enum DaemonError {
     Probe(#[from] ProbeError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::metrics::MetricsError),
+    #[error(transparent)]
+    MetricsEndpoint(#[from] crate::telemetry::prometheus_endpoint::EndpointError),
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -62,12 +66,16 @@ struct Snapshot {
     conns: HashMap<u32, Vec<ConnKey>>,
     /// Fresh facts of live holders and their living ancestors (names change on exec).
     holder_facts: Vec<crate::model::ProcFacts>,
+    /// How long the GPU inventory took.
+    took: Duration,
 }
 
 fn take_snapshot(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Snapshot {
     let started = clock::monotonic_ns();
     let procs = full.then(|| scan::all_facts(&proc_root));
+    let t0 = std::time::Instant::now();
     let inventory = gpu.snapshot();
+    let took = t0.elapsed();
     let table = scan::tcp_sockets(&proc_root);
     let conns = inventory
         .holders
@@ -102,6 +110,7 @@ fn take_snapshot(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Snaps
         inventory,
         conns,
         holder_facts,
+        took,
     }
 }
 
@@ -130,6 +139,7 @@ struct Core {
     announced: HashSet<String>,
     /// Manual reclaims waiting for the executor.
     manual: Vec<ManualWait>,
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 struct Last {
@@ -231,6 +241,8 @@ impl Core {
             }
         }
         self.announce(&assessments);
+        self.metrics.snapshot(&s.inventory, &assessments, s.took);
+        self.metrics.sessions(&self.session_counts());
         self.last = Some(Last {
             inventory: s.inventory.clone(),
             assessments: assessments.clone(),
@@ -354,6 +366,30 @@ impl Core {
         if let Some(id) = id {
             self.publish_record(id);
         }
+        self.metrics.settled(
+            a.service.as_deref().unwrap_or(""),
+            crate::ledger::Outcome::Released,
+            None,
+            None,
+        );
+    }
+
+    /// Sessions by (kind, service, state), every configured combination included (zeros
+    /// too), so a gauge never keeps a stale value.
+    fn session_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
+        let mut counts: HashMap<(&'static str, String, &'static str), u64> = HashMap::new();
+        for s in &self.cfg.services {
+            for kind in ["process", "connection"] {
+                for state in ["live", "dead"] {
+                    counts.insert((kind, s.name.clone(), state), 0);
+                }
+            }
+        }
+        for s in self.model.sessions() {
+            let state = if s.death.is_some() { "dead" } else { "live" };
+            *counts.entry((s.kind, s.service, state)).or_default() += 1;
+        }
+        counts.into_iter().collect()
     }
 
     /// Sends the ledger record `id` to API watchers.
@@ -386,6 +422,8 @@ impl Core {
                 if let Some(d) = &sess.death
                     && self.announced.insert(sess.key.clone())
                 {
+                    self.metrics
+                        .session_death(a.service.as_deref().unwrap_or(""), &d.cause);
                     let _ = self.events.send(pb::Event {
                         time_ms: now,
                         kind: Some(pb::event::Kind::SessionDied(pb::SessionDied {
@@ -421,6 +459,8 @@ impl Core {
     }
 
     fn on_done(&mut self, d: &Done) {
+        self.metrics
+            .settled(&d.service, d.outcome, d.bytes_freed, d.time_to_reclaim);
         self.in_flight.remove(&d.id);
         self.decided.insert(d.id);
         self.dying.remove(&d.id);
@@ -679,6 +719,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     );
     let breaker = exec.breaker_flag();
+    let metrics = Arc::new(crate::telemetry::Metrics::new()?);
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = crate::telemetry::prometheus_endpoint::bind(addr).await?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(tokio::spawn(crate::telemetry::prometheus_endpoint::serve(
+                listener,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
     let (job_tx, mut job_rx) = mpsc::channel::<Job>(cfg.policy.queue);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let executor_thread = std::thread::Builder::new()
@@ -710,6 +762,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         verdicts: HashMap::new(),
         announced: HashSet::new(),
         manual: Vec::new(),
+        metrics: metrics.clone(),
     };
     let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
     let (api_stop_tx, api_stop_rx) = tokio::sync::watch::channel(false);
@@ -762,6 +815,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 let mut death = false;
                 core.events_seen += batch.len() as u64;
                 for r in batch.drain(..) {
+                    metrics.event(r.event.kind(), r.recv_ns.saturating_sub(r.event.ts_ns()));
                     death |= core.on_event(&r.event);
                 }
                 if death {
@@ -773,10 +827,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 due = Some(Instant::now());
                 let drops = probe.drops()?;
                 if drops > last_drops {
+                    metrics.dropped(drops - last_drops);
                     tracing::warn!(lost = drops - last_drops, "kernel events lost: resynchronising from /proc");
                     last_drops = drops;
                 }
                 core.events_dropped = drops;
+                metrics.queue(
+                    job_tx.max_capacity() - job_tx.capacity(),
+                    core.breaker.load(std::sync::atomic::Ordering::Relaxed),
+                );
             }
             Some(req) = api_rx.recv() => core.on_api(req, &job_tx),
             Some(done) = done_rx.recv() => core.on_done(&done),
@@ -818,6 +877,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     drop(job_tx);
     let _ = tokio::task::spawn_blocking(move || executor_thread.join()).await;
     drop(probe);
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

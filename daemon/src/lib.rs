@@ -16,4 +16,5 @@ pub mod probe;
 pub mod reclaim;
 pub mod reconcile;
 pub mod scan;
+pub mod telemetry;
 pub mod trace;

@@ -382,6 +382,24 @@ impl Daemon {
         Self::write_config_api(gpu, policy, "", services)
     }
 
+    /// The metrics port of a daemon started on a config from `write_config`: a free port,
+    /// chosen once per test directory.
+    pub fn metrics_port(gpu: &FakeGpu) -> u16 {
+        let file = gpu.dir.path().join("metrics.port");
+        if let Some(p) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return p;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        std::fs::write(&file, port.to_string()).expect("write metrics.port");
+        port
+    }
+
     /// The API socket of a daemon started on a config from `write_config`.
     pub fn api_socket(gpu: &FakeGpu) -> PathBuf {
         gpu.dir.path().join("api.sock")
@@ -402,10 +420,12 @@ impl Daemon {
             format!(
                 "[policy]\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
                  device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n\
+                 [metrics]\nlisten = \"127.0.0.1:{}\"\n\n\
                  [api]\nsocket = \"{}\"\n{api}\n\n{services}\n",
                 gpu.lib.display(),
                 gpu.device_glob(),
                 ledger.display(),
+                Self::metrics_port(gpu),
                 Self::api_socket(gpu).display()
             ),
         )

@@ -105,7 +105,7 @@ fn real_driver_end_to_end_reclaim() {
         &config,
         format!(
             "[policy]\nmode = \"enforce\"\ngrace = \"0s\"\nsweep = \"500ms\"\n\n\
-             [ledger]\npath = \"{}\"\n\n[api]\nsocket = \"{}\"\n\n\
+             [ledger]\npath = \"{}\"\n\n[metrics]\nlisten = \"\"\n\n[api]\nsocket = \"{}\"\n\n\
              [[service]]\nname = \"llm\"\nmatch = {{ comm = [\"llm-server\"] }}\n",
             ledger.display(),
             dir.path().join("api.sock").display()

@@ -59,8 +59,9 @@ enum Cmd {
     },
 }
 
-/// Debian packages the build and tests need (a C toolchain for linking and for -sys crates).
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "libc6-dev"];
+/// Debian packages the build and tests need: a C toolchain (linking, -sys crates) and a
+/// real Prometheus for the metrics tests.
+const DEBIAN_PACKAGES: &[&str] = &["gcc", "libc6-dev", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> Result<()> {

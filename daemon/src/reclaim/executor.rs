@@ -54,6 +54,7 @@ pub struct Manual {
 #[derive(Debug, Clone)]
 pub struct Done {
     pub id: ProcId,
+    pub service: String,
     pub outcome: Outcome,
     pub ledger_id: Option<i64>,
     pub bytes_freed: Option<u64>,
@@ -257,6 +258,7 @@ impl Executor {
         let _enter = span.enter();
         let mut done = Done {
             id: a.id,
+            service: a.service.clone().unwrap_or_default(),
             outcome: Outcome::Skipped,
             ledger_id: None,
             bytes_freed: None,

@@ -1,0 +1,340 @@
+//! The daemon's metrics. Every name starts with `reclaimd_`; labels are bounded (service
+//! names from the config, device UUIDs, fixed vocabularies): never a pid.
+use std::time::Duration;
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Gauge, Histogram, Meter, MeterProvider as _},
+};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+
+use crate::{gpu::Inventory, ledger::Outcome, reconcile::Assessment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("Prometheus exporter: {0}")]
+    Exporter(#[from] opentelemetry_sdk::error::OTelSdkError),
+}
+
+/// Verdict names, all reported every time (zeros too), so a series never goes stale.
+const VERDICTS: [&str; 6] = [
+    "live",
+    "pending",
+    "orphan",
+    "unmanaged",
+    "untrusted",
+    "exiting",
+];
+
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+    events: Counter<u64>,
+    dropped: Counter<u64>,
+    event_latency: Histogram<f64>,
+    sessions: Gauge<u64>,
+    session_deaths: Counter<u64>,
+    gpu_memory: Gauge<u64>,
+    holders: Gauge<u64>,
+    reclaims: Counter<u64>,
+    reclaimed_bytes: Counter<u64>,
+    time_to_reclaim: Histogram<f64>,
+    queue_depth: Gauge<u64>,
+    breaker: Gauge<u64>,
+    nvml_up: Gauge<u64>,
+    nvml_errors: Counter<u64>,
+    inventory_duration: Histogram<f64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn seconds(
+    meter: &Meter,
+    name: &'static str,
+    help: &'static str,
+    bounds: Vec<f64>,
+) -> Histogram<f64> {
+    meter
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(help)
+        .with_boundaries(bounds)
+        .build()
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .build()?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let m = provider.meter("reclaimd");
+        let counter = |name: &'static str, help: &'static str| {
+            m.u64_counter(name).with_description(help).build()
+        };
+        let gauge = |name: &'static str, help: &'static str| {
+            m.u64_gauge(name).with_description(help).build()
+        };
+        Ok(Self {
+            events: counter("reclaimd_kernel_events", "Kernel events received, by kind"),
+            dropped: counter(
+                "reclaimd_kernel_events_dropped",
+                "Kernel events lost because the ring buffer was full",
+            ),
+            event_latency: seconds(
+                &m,
+                "reclaimd_kernel_event_latency",
+                "Kernel timestamp to receipt by the daemon",
+                vec![
+                    1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0,
+                ],
+            ),
+            sessions: gauge(
+                "reclaimd_sessions",
+                "Sessions in the table, by kind, service and state",
+            ),
+            session_deaths: counter(
+                "reclaimd_session_deaths",
+                "Deaths of sessions bound to GPU holders, by service and cause",
+            ),
+            gpu_memory: m
+                .u64_gauge("reclaimd_gpu_memory")
+                .with_unit("By")
+                .with_description(
+                    "GPU memory per device: total, used, attributed, unattributed, orphaned",
+                )
+                .build(),
+            holders: gauge("reclaimd_holders", "GPU holders, by verdict"),
+            reclaims: counter(
+                "reclaimd_reclaims",
+                "Decisions settled, by service and outcome",
+            ),
+            reclaimed_bytes: m
+                .u64_counter("reclaimd_reclaimed")
+                .with_unit("By")
+                .with_description("GPU memory got back by reclaims, by service")
+                .build(),
+            time_to_reclaim: seconds(
+                &m,
+                "reclaimd_time_to_reclaim",
+                "Session death to verified reclaim",
+                vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ],
+            ),
+            queue_depth: gauge("reclaimd_queue_depth", "Decisions waiting for the executor"),
+            breaker: gauge(
+                "reclaimd_breaker_tripped",
+                "1 while the breaker stops all action",
+            ),
+            nvml_up: gauge("reclaimd_nvml_up", "1 while NVML answers"),
+            nvml_errors: counter(
+                "reclaimd_nvml_errors",
+                "Inventory snapshots in which NVML could not be used",
+            ),
+            inventory_duration: seconds(
+                &m,
+                "reclaimd_inventory_duration",
+                "One GPU inventory: NVML calls and the /proc device-file scan",
+                vec![1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0],
+            ),
+            provider,
+            registry,
+        })
+    }
+
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    pub fn event(&self, kind: &'static str, latency_ns: u64) {
+        let k = [KeyValue::new("kind", kind)];
+        self.events.add(1, &k);
+        self.event_latency.record(latency_ns as f64 / 1e9, &k);
+    }
+
+    pub fn dropped(&self, n: u64) {
+        self.dropped.add(n, &[]);
+    }
+
+    pub fn session_death(&self, service: &str, cause: &str) {
+        self.session_deaths.add(
+            1,
+            &[
+                KeyValue::new("service", service.to_owned()),
+                KeyValue::new("cause", cause_class(cause)),
+            ],
+        );
+    }
+
+    /// Per-snapshot state: GPU memory, holders by verdict, NVML health and cost.
+    pub fn snapshot(&self, inv: &Inventory, assessments: &[Assessment], took: Duration) {
+        self.inventory_duration.record(took.as_secs_f64(), &[]);
+        let up = matches!(inv.nvml, crate::gpu::NvmlStatus::Available { .. });
+        self.nvml_up.record(u64::from(up), &[]);
+        if !up {
+            self.nvml_errors.add(1, &[]);
+        }
+        for d in &inv.devices {
+            let orphaned: u64 = assessments
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a.verdict,
+                        crate::reconcile::Verdict::Orphan
+                            | crate::reconcile::Verdict::Pending { .. }
+                    )
+                })
+                .flat_map(|a| a.holder.memory.iter())
+                .filter(|m| m.device_uuid == d.uuid)
+                .filter_map(|m| m.bytes)
+                .sum();
+            for (state, v) in [
+                ("total", d.total_bytes),
+                ("used", d.used_bytes),
+                ("attributed", d.attributed_bytes),
+                ("unattributed", d.unattributed_bytes),
+                ("orphaned", orphaned),
+            ] {
+                self.gpu_memory.record(
+                    v,
+                    &[
+                        KeyValue::new("device", d.uuid.clone()),
+                        KeyValue::new("state", state),
+                    ],
+                );
+            }
+        }
+        for v in VERDICTS {
+            let n = assessments
+                .iter()
+                .filter(|a| a.verdict.as_str() == v)
+                .count();
+            self.holders
+                .record(n as u64, &[KeyValue::new("verdict", v)]);
+        }
+    }
+
+    /// Sessions by (kind, service, state); `known` lists every combination to report, so
+    /// that ones with none left drop to 0 instead of keeping their last value.
+    pub fn sessions(&self, counts: &[((&'static str, String, &'static str), u64)]) {
+        for ((kind, service, state), n) in counts {
+            self.sessions.record(
+                *n,
+                &[
+                    KeyValue::new("kind", *kind),
+                    KeyValue::new("service", service.clone()),
+                    KeyValue::new("state", *state),
+                ],
+            );
+        }
+    }
+
+    pub fn settled(
+        &self,
+        service: &str,
+        outcome: Outcome,
+        freed: Option<u64>,
+        ttr: Option<Duration>,
+    ) {
+        let s = KeyValue::new("service", service.to_owned());
+        self.reclaims
+            .add(1, &[s.clone(), KeyValue::new("outcome", outcome.as_str())]);
+        if outcome == Outcome::Reclaimed {
+            self.reclaimed_bytes
+                .add(freed.unwrap_or(0), std::slice::from_ref(&s));
+            if let Some(t) = ttr {
+                self.time_to_reclaim.record(t.as_secs_f64(), &[s]);
+            }
+        }
+    }
+
+    pub fn queue(&self, depth: usize, breaker_tripped: bool) {
+        self.queue_depth.record(depth as u64, &[]);
+        self.breaker.record(u64::from(breaker_tripped), &[]);
+    }
+
+    /// The Prometheus text exposition of everything above.
+    pub fn render(&self) -> String {
+        let _ = self.provider.force_flush();
+        let families = self.registry.gather();
+        let mut out = String::new();
+        if let Err(error) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// A death cause as a bounded label value.
+pub fn cause_class(cause: &str) -> &'static str {
+    if cause.starts_with("exited") {
+        "exit"
+    } else if cause.starts_with("killed by signal") {
+        "signal"
+    } else if cause.starts_with("peer closed") {
+        "peer_closed"
+    } else if cause.starts_with("connection gone") || cause.starts_with("gone") {
+        "lost_events"
+    } else if cause.contains("RESET") || cause.contains("reset") {
+        "reset"
+    } else {
+        "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_units_and_labels_follow_the_conventions() {
+        let m = Metrics::new().unwrap();
+        m.event("exit", 120_000);
+        m.settled(
+            "llm",
+            Outcome::Reclaimed,
+            Some(2 << 30),
+            Some(Duration::from_millis(30)),
+        );
+        m.session_death("llm", "killed by signal 9");
+        m.queue(3, false);
+        let text = m.render();
+        for needle in [
+            "reclaimd_kernel_events_total{kind=\"exit\"} 1",
+            "reclaimd_reclaims_total{outcome=\"reclaimed\",service=\"llm\"} 1",
+            "reclaimd_reclaimed_bytes_total{service=\"llm\"} 2147483648",
+            "reclaimd_time_to_reclaim_seconds_count{service=\"llm\"} 1",
+            "reclaimd_kernel_event_latency_seconds_bucket{kind=\"exit\",le=\"0.00025\"} 1",
+            "reclaimd_session_deaths_total{cause=\"signal\",service=\"llm\"} 1",
+            "reclaimd_queue_depth 3",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            assert!(
+                line.starts_with("reclaimd_") || line.starts_with("target_info"),
+                "{line}"
+            );
+            assert!(!line.contains("pid="), "no pid labels: {line}");
+        }
+    }
+
+    #[test]
+    fn causes_are_a_closed_set() {
+        assert_eq!(cause_class("exited with code 0"), "exit");
+        assert_eq!(cause_class("killed by signal 9"), "signal");
+        assert_eq!(cause_class("peer closed (CLOSE_WAIT)"), "peer_closed");
+        assert_eq!(cause_class("gone (missing from /proc)"), "lost_events");
+        assert_eq!(cause_class("anything else 1234"), "other");
+    }
+}

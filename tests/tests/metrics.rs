@@ -1,0 +1,196 @@
+//! Metrics: the daemon's Prometheus endpoint after a real end-to-end reclaim, read directly
+//! and through a real Prometheus (Debian's package, installed by `cargo xtask setup`).
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reclaimd_tests::{Daemon, FakeGpu, TempDir, Workload, wait_for_record};
+use serde_json::Value;
+
+fn workload() -> String {
+    reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
+const DEVICE: &str = "device 0 GPU-metrics 16384 Fake H100";
+const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A daemon (enforce, grace 0) that has reclaimed one 1 GiB worker.
+fn after_a_reclaim(gpu: &FakeGpu) -> Daemon {
+    let d = Daemon::start(gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let server = Workload::spawn(
+        &workload(),
+        &["server", "llm-server", gpu.device_file(0).to_str().unwrap()],
+    );
+    let worker: u32 = server.line("worker").parse().unwrap();
+    gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 1024 compute\n"));
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: our child.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    let r = wait_for_record(&d.ledger, worker, WAIT);
+    assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed);
+    let _ = server.finish();
+    d
+}
+
+fn get(url: &str) -> String {
+    ureq::get(url)
+        .timeout(Duration::from_secs(5))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .into_string()
+        .unwrap()
+}
+
+#[test]
+fn the_endpoint_exports_every_family_by_convention() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = after_a_reclaim(&gpu);
+    let url = format!("http://127.0.0.1:{}/metrics", Daemon::metrics_port(&gpu));
+    // Gauges are recorded per snapshot: wait for one after the reclaim.
+    std::thread::sleep(Duration::from_millis(500));
+    let text = get(&url);
+    for family in [
+        "reclaimd_kernel_events_total{kind=\"exit\"}",
+        "reclaimd_kernel_event_latency_seconds_bucket",
+        "reclaimd_sessions{",
+        "reclaimd_session_deaths_total{cause=\"signal\",service=\"llm\"} 1",
+        "reclaimd_gpu_memory_bytes{device=\"GPU-metrics\",state=\"total\"} 17179869184",
+        "reclaimd_gpu_memory_bytes{device=\"GPU-metrics\",state=\"orphaned\"} 0",
+        "reclaimd_holders{verdict=\"orphan\"}",
+        "reclaimd_reclaims_total{outcome=\"reclaimed\",service=\"llm\"} 1",
+        "reclaimd_reclaimed_bytes_total{service=\"llm\"} 1073741824",
+        "reclaimd_time_to_reclaim_seconds_count{service=\"llm\"} 1",
+        "reclaimd_queue_depth",
+        "reclaimd_breaker_tripped 0",
+        "reclaimd_nvml_up 1",
+        "reclaimd_inventory_duration_seconds_count",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(
+            line.starts_with("reclaimd_") || line.starts_with("target_info"),
+            "{line}"
+        );
+        assert!(!line.contains("pid="), "a pid label: {line}");
+    }
+    let other = ureq::get(&url.replace("/metrics", "/nope")).call();
+    assert!(matches!(other, Err(ureq::Error::Status(404, _))));
+    d.stop();
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus scraping `target` every second.
+fn prometheus(target: &str) -> Prometheus {
+    let dir = TempDir::new("prometheus");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: reclaimd\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (cargo xtask setup installs Debian's package)");
+    Prometheus {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+impl Prometheus {
+    /// An instant query's result vector, retried until `pred` holds.
+    fn query_until(&self, promql: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = ureq::get(&format!("http://127.0.0.1:{}/api/v1/query", self.port))
+                .query("query", promql)
+                .timeout(Duration::from_secs(5))
+                .call();
+            if let Ok(resp) = r {
+                let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+                assert_eq!(v["status"], "success", "{promql}: {v}");
+                let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+                if pred(&result) {
+                    return result;
+                }
+            }
+            assert!(Instant::now() < deadline, "{promql}: never as expected");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn value(sample: &Value) -> f64 {
+    sample["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_daemon() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = after_a_reclaim(&gpu);
+    let p = prometheus(&format!("127.0.0.1:{}", Daemon::metrics_port(&gpu)));
+    p.query_until("up{job=\"reclaimd\"}", |r| {
+        r.len() == 1 && value(&r[0]) == 1.0
+    });
+    let r = p.query_until("sum by (service, outcome) (reclaimd_reclaims_total)", |r| {
+        !r.is_empty()
+    });
+    assert_eq!(r[0]["metric"]["outcome"], "reclaimed", "{r:?}");
+    assert_eq!(value(&r[0]), 1.0);
+    let total = p.query_until("reclaimd_gpu_memory_bytes{state=\"total\"}", |r| {
+        !r.is_empty()
+    });
+    assert_eq!(value(&total[0]), (16384u64 << 20) as f64);
+    assert_eq!(total[0]["metric"]["device"], "GPU-metrics");
+    p.query_until("sum(reclaimd_reclaimed_bytes_total)", |r| {
+        r.len() == 1 && value(&r[0]) == (1u64 << 30) as f64
+    });
+    p.query_until(
+        "histogram_quantile(0.5, sum by (le) (reclaimd_time_to_reclaim_seconds_bucket))",
+        |r| r.len() == 1 && value(&r[0]) > 0.0,
+    );
+    p.query_until("sum by (kind) (reclaimd_kernel_events_total)", |r| {
+        r.iter()
+            .any(|s| s["metric"]["kind"] == "exit" && value(s) > 0.0)
+    });
+    d.stop();
+}
