@@ -43,6 +43,16 @@ pub struct Assessment {
 }
 
 impl Verdict {
+    /// Every verdict's name, as the API and metrics spell them.
+    pub const NAMES: [&'static str; 6] = [
+        "live",
+        "pending",
+        "orphan",
+        "unmanaged",
+        "untrusted",
+        "exiting",
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Verdict::Live => "live",

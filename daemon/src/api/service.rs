@@ -121,14 +121,7 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         req: Request<pb::ListHoldersRequest>,
     ) -> Result<Response<pb::ListHoldersResponse>, Status> {
         let r = req.into_inner();
-        const VERDICTS: [&str; 6] = [
-            "live",
-            "pending",
-            "orphan",
-            "unmanaged",
-            "untrusted",
-            "exiting",
-        ];
+        const VERDICTS: [&str; 6] = crate::reconcile::Verdict::NAMES;
         if !r.verdict.is_empty() && !VERDICTS.contains(&r.verdict.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "verdict: {:?} is not one of {}",

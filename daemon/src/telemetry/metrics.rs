@@ -17,14 +17,7 @@ pub enum MetricsError {
 }
 
 /// Verdict names, all reported every time (zeros too), so a series never goes stale.
-const VERDICTS: [&str; 6] = [
-    "live",
-    "pending",
-    "orphan",
-    "unmanaged",
-    "untrusted",
-    "exiting",
-];
+const VERDICTS: [&str; 6] = crate::reconcile::Verdict::NAMES;
 
 pub struct Metrics {
     provider: SdkMeterProvider,
@@ -272,6 +265,18 @@ impl Metrics {
     }
 }
 
+/// Exposition lines that break the naming rules (a `reclaimd_` prefix, no pid labels);
+/// empty when all is well.
+pub fn convention_breaches(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter(|l| {
+            !(l.starts_with("reclaimd_") || l.starts_with("target_info")) || l.contains("pid=")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A death cause as a bounded label value.
 pub fn cause_class(cause: &str) -> &'static str {
     if cause.starts_with("exited") {
@@ -317,16 +322,7 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            assert!(
-                line.starts_with("reclaimd_") || line.starts_with("target_info"),
-                "{line}"
-            );
-            assert!(!line.contains("pid="), "no pid labels: {line}");
-        }
+        assert_eq!(convention_breaches(&text), Vec::<String>::new());
     }
 
     #[test]
