@@ -592,3 +592,120 @@ pub fn u64_of(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
 }
+
+// ---- Prometheus -------------------------------------------------------------------------
+
+const PROMETHEUS_WAIT: Duration = Duration::from_secs(30);
+
+/// A real Prometheus (Debian's package), stopped on drop.
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus scraping `target` every second.
+pub fn prometheus(target: &str) -> Prometheus {
+    let dir = TempDir::new("prometheus");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: reclaimd\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (cargo xtask setup installs Debian's package)");
+    Prometheus {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+impl Prometheus {
+    /// An instant query's result vector, retried until `pred` holds.
+    pub fn query_until(&self, promql: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + PROMETHEUS_WAIT;
+        loop {
+            let r = ureq::get(&format!("http://127.0.0.1:{}/api/v1/query", self.port))
+                .query("query", promql)
+                .timeout(Duration::from_secs(5))
+                .call();
+            match r {
+                Ok(resp) => {
+                    let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+                    assert_eq!(v["status"], "success", "{promql}: {v}");
+                    let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+                    if pred(&result) {
+                        return result;
+                    }
+                }
+                // Prometheus answers 400 to a query it cannot parse: no point retrying.
+                Err(ureq::Error::Status(400, resp)) => {
+                    panic!("{promql}: {}", resp.into_string().unwrap_or_default())
+                }
+                Err(_) => {} // not up yet
+            }
+            assert!(Instant::now() < deadline, "{promql}: never as expected");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A daemon (enforce, grace 0, `services`) that has reclaimed one 1 GiB worker of an
+/// `llm-server` on device 0 (`device` is the fake's device line), with Prometheus-ready
+/// metrics on `Daemon::metrics_port`.
+pub fn daemon_after_a_reclaim(
+    gpu: &FakeGpu,
+    workload: &str,
+    device: &str,
+    services: &str,
+) -> Daemon {
+    gpu.set_state(device);
+    let d = Daemon::start(gpu, "mode = \"enforce\"\ngrace = \"0s\"", services);
+    let server = Workload::spawn(
+        workload,
+        &[
+            "server",
+            "llm-server",
+            gpu.device_file(0).to_str().expect("utf-8"),
+        ],
+    );
+    let worker: u32 = server.line("worker").parse().expect("worker pid");
+    gpu.set_state(&format!("{device}\nproc 0 {worker} 1024 compute\n"));
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: our child.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    let r = wait_for_record(&d.ledger, worker, PROMETHEUS_WAIT);
+    assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed, "{r:#?}");
+    let _ = server.finish();
+    d
+}

@@ -1,11 +1,8 @@
 //! Metrics: the daemon's Prometheus endpoint after a real end-to-end reclaim, read directly
 //! and through a real Prometheus (Debian's package, installed by `cargo xtask setup`).
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use reclaimd_tests::{Daemon, FakeGpu, TempDir, Workload, wait_for_record};
+use reclaimd_tests::{Daemon, FakeGpu, prometheus};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -14,24 +11,10 @@ fn workload() -> String {
 
 const DEVICE: &str = "device 0 GPU-metrics 16384 Fake H100";
 const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A daemon (enforce, grace 0) that has reclaimed one 1 GiB worker.
 fn after_a_reclaim(gpu: &FakeGpu) -> Daemon {
-    let d = Daemon::start(gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
-    let server = Workload::spawn(
-        &workload(),
-        &["server", "llm-server", gpu.device_file(0).to_str().unwrap()],
-    );
-    let worker: u32 = server.line("worker").parse().unwrap();
-    gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 1024 compute\n"));
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: our child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
-    let r = wait_for_record(&d.ledger, worker, WAIT);
-    assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed);
-    let _ = server.finish();
-    d
+    reclaimd_tests::daemon_after_a_reclaim(gpu, &workload(), DEVICE, LLM)
 }
 
 fn get(url: &str) -> String {
@@ -76,81 +59,6 @@ fn the_endpoint_exports_every_family_by_convention() {
     let other = ureq::get(&url.replace("/metrics", "/nope")).call();
     assert!(matches!(other, Err(ureq::Error::Status(404, _))));
     d.stop();
-}
-
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real Prometheus scraping `target` every second.
-fn prometheus(target: &str) -> Prometheus {
-    let dir = TempDir::new("prometheus");
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: reclaimd\n    static_configs:\n      - targets: [\"{target}\"]\n"
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (cargo xtask setup installs Debian's package)");
-    Prometheus {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
-impl Prometheus {
-    /// An instant query's result vector, retried until `pred` holds.
-    fn query_until(&self, promql: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let r = ureq::get(&format!("http://127.0.0.1:{}/api/v1/query", self.port))
-                .query("query", promql)
-                .timeout(Duration::from_secs(5))
-                .call();
-            if let Ok(resp) = r {
-                let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
-                assert_eq!(v["status"], "success", "{promql}: {v}");
-                let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
-                if pred(&result) {
-                    return result;
-                }
-            }
-            assert!(Instant::now() < deadline, "{promql}: never as expected");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
 }
 
 fn value(sample: &Value) -> f64 {

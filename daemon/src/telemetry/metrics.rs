@@ -74,7 +74,7 @@ impl Metrics {
         let gauge = |name: &'static str, help: &'static str| {
             m.u64_gauge(name).with_description(help).build()
         };
-        Ok(Self {
+        let me = Self {
             events: counter("reclaimd_kernel_events", "Kernel events received, by kind"),
             dropped: counter(
                 "reclaimd_kernel_events_dropped",
@@ -139,7 +139,12 @@ impl Metrics {
             ),
             provider,
             registry,
-        })
+        };
+        // Counters that may stay at zero for a long time are exported from the start, so
+        // rates over them show 0 instead of no data.
+        me.dropped.add(0, &[]);
+        me.nvml_errors.add(0, &[]);
+        Ok(me)
     }
 
     pub fn registry(&self) -> &prometheus::Registry {
