@@ -47,6 +47,13 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings denied, the eBPF crate included.
     Lint,
+    /// Build, then run reclaimd (enforce) with the fake NVML and a synthetic GPU service that
+    /// crashes and leaks workers at random, so anyone without a GPU can watch it work.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Build (release), then measure as root: time-to-reclaim over many end-to-end runs and
     /// the daemon's memory with many live sessions. Report under target/bench/.
     Bench {
@@ -90,6 +97,11 @@ fn main() -> Result<()> {
         Cmd::Lint => {
             setup(&root)?;
             lint(&root)
+        }
+        Cmd::Demo { seconds } => {
+            setup(&root)?;
+            build(&root, false)?;
+            demo(&root, seconds)
         }
         Cmd::Bench { runs, sessions } => {
             setup(&root)?;
@@ -353,6 +365,75 @@ fn run(root: &Path, release: bool, args: Vec<OsString>) -> Result<()> {
         args
     };
     run_cmd(as_root(&bin).args(args))
+}
+
+/// The demo: everything under target/demo, the daemon as root, the service as is.
+fn demo(root: &Path, seconds: Option<u64>) -> Result<()> {
+    let dir = root.join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("dev"))?;
+    let device_file = dir.join("dev/nvidia0");
+    std::fs::write(&device_file, "")?;
+    let device_line = "device 0 GPU-demo-0000 81920 Demo H100 80GB (fake)";
+    let lib = root.join("target/fake-nvml/libnvidia-ml.so.1");
+    // The fake reads `<library>.state`: a copy of the library beside the demo's state.
+    let demo_lib = dir.join("libnvidia-ml.so.1");
+    std::fs::copy(&lib, &demo_lib)?;
+    let state = dir.join("libnvidia-ml.so.1.state");
+    std::fs::write(&state, format!("{device_line}\n"))?;
+    let socket = dir.join("reclaimd.sock");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# The demo's configuration (cargo xtask demo).\n\
+             [policy]\nmode = \"enforce\"\ngrace = \"2s\"\nterm_grace = \"1s\"\nsweep = \"1s\"\n\n\
+             [gpu]\nnvml_library = \"{}\"\ndevice_glob = \"{}/dev/nvidia*\"\n\n\
+             [ledger]\npath = \"{}/ledger.db\"\n\n[api]\nsocket = \"{}\"\n\n\
+             [[service]]\nname = \"demo-llm\"\nmatch = {{ comm = [\"demo-llm\"] }}\n",
+            demo_lib.display(),
+            dir.display(),
+            dir.display(),
+            socket.display()
+        ),
+    )?;
+    let mut daemon = as_root(&root.join("target/debug/reclaimd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .spawn()
+        .context("starting reclaimd")?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut service = Command::new(root.join("target/debug/workload"))
+        .arg("demo-service")
+        .arg(&state)
+        .arg(device_line)
+        .arg(&device_file)
+        .spawn()
+        .context("starting the demo service")?;
+    let ctl = root.join("target/debug/reclaimctl");
+    eprintln!(
+        "\nxtask: the demo runs. In another terminal:\n\
+         \x20 sudo {ctl} --socket {sock} watch          # deaths, verdicts, reclaims as they happen\n\
+         \x20 sudo {ctl} --socket {sock} holders\n\
+         \x20 sudo {ctl} --socket {sock} reclaims\n\
+         \x20 curl -s http://127.0.0.1:9464/metrics | grep ^reclaimd_\n\
+         \x20 cd dashboards && docker compose up          # Grafana on http://localhost:3000\n",
+        ctl = ctl.display(),
+        sock = socket.display()
+    );
+    match seconds {
+        Some(s) => std::thread::sleep(std::time::Duration::from_secs(s)),
+        // Ctrl-C reaches the whole foreground group: the daemon and the service stop too.
+        None => {
+            let _ = daemon.wait();
+        }
+    }
+    let _ = service.kill();
+    let _ = service.wait();
+    // SAFETY: signalling the daemon we started (through sudo when not root: sudo relays it).
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    Ok(())
 }
 
 fn lint(root: &Path) -> Result<()> {

@@ -62,6 +62,105 @@ mod cuda {
     }
 }
 
+/// The demo's synthetic service (see `demo-service`).
+mod demo {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::set_comm;
+
+    /// xorshift64: enough randomness for a demo, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    }
+
+    /// Rewrites the state atomically: the device, live listed workers, and `new` ones.
+    fn write_state(state: &str, device_line: &str, new: &[(i32, u64)]) {
+        let old = std::fs::read_to_string(state).unwrap_or_default();
+        let mut text = format!("{device_line}\n");
+        for line in old.lines().filter(|l| l.starts_with("proc ")) {
+            let pid: i32 = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if alive(pid) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        for (pid, mib) in new {
+            text.push_str(&format!("proc 0 {pid} {mib} compute\n"));
+        }
+        let tmp = format!("{state}.tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, state);
+        }
+    }
+
+    pub fn run(state: &str, device_line: &str, device: &str) {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        let mut rng = Rng(seed);
+        loop {
+            let workers = 1 + rng.below(3);
+            let life = Duration::from_millis(2000 + rng.below(4000));
+            let plan: Vec<(u64, Option<Duration>)> = (0..workers)
+                .map(|_| {
+                    let mib = 512 * (1 + rng.below(8));
+                    // One in five lets go by itself, a little after its server dies.
+                    let quits = (rng.below(5) == 0).then(|| life + Duration::from_millis(500));
+                    (mib, quits)
+                })
+                .collect();
+            // SAFETY: single-threaded; the children only fork, open a file and sleep.
+            let server = unsafe { libc::fork() };
+            if server == 0 {
+                set_comm("demo-llm");
+                let mut pids = Vec::new();
+                for (mib, quits) in &plan {
+                    // SAFETY: as above.
+                    let w = unsafe { libc::fork() };
+                    if w == 0 {
+                        set_comm("demo-worker");
+                        let _f = std::fs::File::open(device);
+                        std::thread::sleep(quits.unwrap_or(Duration::from_secs(3600)));
+                        // SAFETY: end the child without the parent's exit handlers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    pids.push((w, *mib));
+                }
+                write_state(state, device_line, &pids);
+                std::thread::sleep(life);
+                // A crash: the workers stay, holding their GPU memory.
+                // SAFETY: signalling ourselves.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            let mut status = 0;
+            // SAFETY: our child.
+            unsafe { libc::waitpid(server, &mut status, 0) };
+            std::thread::sleep(Duration::from_millis(1000 + rng.below(2000)));
+        }
+    }
+}
+
 fn arg(args: &[String], i: usize, what: &str) -> String {
     args.get(i)
         .cloned()
@@ -357,6 +456,16 @@ fn main() {
                     .map(|_| ());
                 say(&format!("reclaim {}", code(reclaim)));
             });
+        }
+        // demo-service STATE DEVICE_LINE DEVICE_FILE: the demo's synthetic GPU service, until
+        // killed. Over and over: a server (comm demo-llm) forks 1-3 workers (demo-worker)
+        // that hold DEVICE_FILE and 0.5-4 GiB in the fake NVML STATE, then crashes after a
+        // few seconds, leaving them orphaned; now and then a worker lets go by itself.
+        "demo-service" => {
+            let state = arg(&args, 2, "state file");
+            let device_line = arg(&args, 3, "device line");
+            let device = arg(&args, 4, "device file");
+            demo::run(&state, &device_line, &device);
         }
         // cuda-hold MIB: allocate MIB of GPU memory through the CUDA driver API (libcuda,
         // shipped with the driver) and keep it until stdin closes.
