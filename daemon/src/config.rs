@@ -128,6 +128,16 @@ pub struct ApiConfig {
     pub watch_buffer: usize,
 }
 
+/// OTLP export of traces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TelemetryConfig {
+    /// E.g. "http://127.0.0.1:4317" (grpc) or "http://127.0.0.1:4318" (http/protobuf);
+    /// `None`: the standard OTEL_EXPORTER_OTLP_* variables decide (off when unset).
+    pub otlp_endpoint: Option<String>,
+    /// "grpc" or "http/protobuf"; `None`: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc.
+    pub otlp_protocol: Option<String>,
+}
+
 /// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
@@ -139,6 +149,7 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[metrics] listen`: the Prometheus endpoint, or `None` when set to "".
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub telemetry: TelemetryConfig,
     pub gpu: GpuConfig,
     pub ledger_path: PathBuf,
     pub probe: ProbeConfig,
@@ -170,6 +181,7 @@ impl Default for Config {
             },
             services: Vec::new(),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
+            telemetry: TelemetryConfig::default(),
             api: ApiConfig {
                 socket: PathBuf::from(DEFAULT_API_SOCKET),
                 group: "root".to_owned(),
@@ -290,6 +302,8 @@ mod raw {
         #[serde(default)]
         pub metrics: Metrics,
         #[serde(default)]
+        pub telemetry: Telemetry,
+        #[serde(default)]
         pub service: Vec<Service>,
     }
 
@@ -319,6 +333,13 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Ledger {
         pub path: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Telemetry {
+        pub otlp_endpoint: Option<String>,
+        pub otlp_protocol: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -493,6 +514,19 @@ mod raw {
                     )
                 })?),
             };
+            if let Some(p) = &self.telemetry.otlp_protocol
+                && p != "grpc"
+                && p != "http/protobuf"
+            {
+                return Err(invalid(
+                    "telemetry.otlp_protocol",
+                    format!("{p:?}: use \"grpc\" or \"http/protobuf\""),
+                ));
+            }
+            let telemetry = super::TelemetryConfig {
+                otlp_endpoint: self.telemetry.otlp_endpoint,
+                otlp_protocol: self.telemetry.otlp_protocol,
+            };
             let a = self.api;
             let socket = a.socket.unwrap_or(d.api.socket);
             if !socket.is_absolute() {
@@ -632,6 +666,7 @@ mod raw {
                 ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
                 api,
                 metrics_listen,
+                telemetry,
                 probe: super::ProbeConfig {
                     ring_bytes,
                     btf: self.probe.btf.unwrap_or(d.probe.btf),

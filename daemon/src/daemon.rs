@@ -42,6 +42,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::metrics::MetricsError),
     #[error(transparent)]
+    Traces(#[from] crate::telemetry::traces::TracesError),
+    #[error(transparent)]
     MetricsEndpoint(#[from] crate::telemetry::prometheus_endpoint::EndpointError),
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
@@ -51,6 +53,61 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// A wall-clock time for a CLOCK_MONOTONIC instant in the past.
+fn system_time(mono_ns: Ns) -> std::time::SystemTime {
+    let ago = clock::monotonic_ns().saturating_sub(mono_ns);
+    std::time::SystemTime::now() - Duration::from_nanos(ago)
+}
+
+/// Starts the span of a dead session (from when it was first seen), with OTel's
+/// attribute names where they exist and ours under `reclaimd.*`.
+fn session_span(
+    sess: &crate::model::BoundSession,
+    service: &str,
+    death: &crate::model::Death,
+) -> opentelemetry::Context {
+    use opentelemetry::{
+        KeyValue,
+        trace::{Span as _, TraceContextExt as _, Tracer as _},
+    };
+    let mut attrs = vec![
+        KeyValue::new("reclaimd.session.kind", sess.kind),
+        KeyValue::new("reclaimd.session.key", sess.key.clone()),
+        KeyValue::new("reclaimd.service", service.to_owned()),
+        KeyValue::new("reclaimd.death_cause", death.cause.clone()),
+    ];
+    if let Some(pid) = sess
+        .key
+        .strip_prefix("pid:")
+        .and_then(|k| k.split('@').next())
+        .and_then(|p| p.parse::<i64>().ok())
+    {
+        attrs.push(KeyValue::new("process.pid", pid));
+    }
+    if let Some((local, remote)) = sess.key.split_once("->")
+        && let (Ok(l), Ok(r)) = (
+            local.parse::<std::net::SocketAddr>(),
+            remote.parse::<std::net::SocketAddr>(),
+        )
+    {
+        attrs.push(KeyValue::new("server.port", i64::from(l.port())));
+        attrs.push(KeyValue::new("network.peer.address", r.ip().to_string()));
+        attrs.push(KeyValue::new("network.peer.port", i64::from(r.port())));
+    }
+    let tracer = crate::telemetry::traces::tracer();
+    let mut span = tracer
+        .span_builder("session")
+        .with_start_time(system_time(sess.seen.unwrap_or(death.at)))
+        .with_attributes(attrs)
+        .start(&tracer);
+    span.add_event_with_timestamp(
+        "died",
+        system_time(death.at),
+        vec![KeyValue::new("cause", death.cause.clone())],
+    );
+    opentelemetry::Context::new().with_span(span)
 }
 
 /// How long API clients get to finish when the daemon stops.
@@ -140,6 +197,8 @@ struct Core {
     /// Manual reclaims waiting for the executor.
     manual: Vec<ManualWait>,
     metrics: Arc<crate::telemetry::Metrics>,
+    /// Open `session` spans of dead sessions, ended when nothing binds to them any more.
+    session_spans: HashMap<String, opentelemetry::Context>,
 }
 
 struct Last {
@@ -301,8 +360,10 @@ impl Core {
                 bytes = a.holder.known_bytes(),
                 "orphan found"
             );
+            let parent = self.session_context(&a);
             match jobs.try_send(Job {
                 assessment: a,
+                parent,
                 exe,
                 cgroup,
                 manual: None,
@@ -424,6 +485,8 @@ impl Core {
                 {
                     self.metrics
                         .session_death(a.service.as_deref().unwrap_or(""), &d.cause);
+                    let cx = session_span(sess, a.service.as_deref().unwrap_or(""), d);
+                    self.session_spans.insert(sess.key.clone(), cx);
                     let _ = self.events.send(pb::Event {
                         time_ms: now,
                         kind: Some(pb::event::Kind::SessionDied(pb::SessionDied {
@@ -456,6 +519,23 @@ impl Core {
         let ids: HashSet<ProcId> = assessments.iter().map(|a| a.id).collect();
         self.verdicts.retain(|id, _| ids.contains(id));
         self.announced.retain(|k| keys.contains(k));
+        // A session nothing binds to any more is settled: its span ends.
+        self.session_spans.retain(|k, cx| {
+            let keep = keys.contains(k);
+            if !keep {
+                use opentelemetry::trace::TraceContextExt as _;
+                cx.span().end();
+            }
+            keep
+        });
+    }
+
+    /// The trace context of the (first dead) session a holder is bound to.
+    fn session_context(&self, a: &Assessment) -> Option<opentelemetry::Context> {
+        a.sessions
+            .iter()
+            .find_map(|s| self.session_spans.get(&s.key))
+            .cloned()
     }
 
     fn on_done(&mut self, d: &Done) {
@@ -637,6 +717,7 @@ impl Core {
         for a in targets {
             let id = a.id;
             let job = Job {
+                parent: self.session_context(&a),
                 exe: std::fs::read_link(self.proc_root.join(id.pid.to_string()).join("exe")).ok(),
                 cgroup: scan::cgroup_of(&self.proc_root, id.pid).unwrap_or_default(),
                 assessment: a,
@@ -720,6 +801,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     let breaker = exec.breaker_flag();
     let metrics = Arc::new(crate::telemetry::Metrics::new()?);
+    let traces = crate::telemetry::traces::init(&cfg.telemetry)?;
     let metrics_task = match cfg.metrics_listen {
         Some(addr) => {
             let listener = crate::telemetry::prometheus_endpoint::bind(addr).await?;
@@ -763,6 +845,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         announced: HashSet::new(),
         manual: Vec::new(),
         metrics: metrics.clone(),
+        session_spans: HashMap::new(),
     };
     let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
     let (api_stop_tx, api_stop_rx) = tokio::sync::watch::channel(false);
@@ -879,6 +962,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     drop(probe);
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    for (_, cx) in core.session_spans.drain() {
+        use opentelemetry::trace::TraceContextExt as _;
+        cx.span().end();
+    }
+    if let Some(t) = traces {
+        t.shutdown();
     }
     tracing::info!("stopped");
     Ok(())

@@ -105,6 +105,8 @@ pub struct BoundSession {
     pub kind: &'static str,
     pub key: String,
     pub death: Option<Death>,
+    /// When the session was first seen (CLOCK_MONOTONIC ns), if known.
+    pub seen: Option<Ns>,
 }
 
 fn death_of(e: Exited) -> Death {
@@ -573,6 +575,7 @@ impl Model {
                     kind: "connection",
                     key: c.key.to_string(),
                     death: c.death.clone(),
+                    seen: Some(c.opened_at),
                 })
                 .collect();
             if !bound.is_empty() {
@@ -580,10 +583,16 @@ impl Model {
             }
         }
         let death = self.process_death(binding.root, now);
+        let seen = self
+            .procs
+            .get(&binding.root.pid)
+            .filter(|p| p.start_time == Some(binding.root.start_time))
+            .map(|p| p.since);
         vec![BoundSession {
             kind: "process",
             key: format!("pid:{}@{}", binding.root.pid, binding.root.start_time),
             death,
+            seen,
         }]
     }
 

@@ -689,8 +689,24 @@ pub fn daemon_after_a_reclaim(
     device: &str,
     services: &str,
 ) -> Daemon {
+    daemon_after_a_reclaim_with(gpu, workload, device, services, "").0
+}
+
+/// As `daemon_after_a_reclaim`, with `extra` config after the policy (e.g. a `[telemetry]`
+/// table); also returns the server's and the worker's pids.
+pub fn daemon_after_a_reclaim_with(
+    gpu: &FakeGpu,
+    workload: &str,
+    device: &str,
+    services: &str,
+    extra: &str,
+) -> (Daemon, u32, u32) {
     gpu.set_state(device);
-    let d = Daemon::start(gpu, "mode = \"enforce\"\ngrace = \"0s\"", services);
+    let d = Daemon::start(
+        gpu,
+        &format!("mode = \"enforce\"\ngrace = \"0s\"\n{extra}"),
+        services,
+    );
     let server = Workload::spawn(
         workload,
         &[
@@ -706,6 +722,7 @@ pub fn daemon_after_a_reclaim(
     unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
     let r = wait_for_record(&d.ledger, worker, PROMETHEUS_WAIT);
     assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed, "{r:#?}");
+    let server_pid = server.pid();
     let _ = server.finish();
-    d
+    (d, server_pid, worker)
 }

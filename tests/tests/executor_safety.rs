@@ -87,6 +87,7 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
                 kind: "process",
                 key: "pid:1@1".to_owned(),
                 death: Some(death.clone()),
+                seen: None,
             }],
             death: Some(death),
             grace: Duration::ZERO,
@@ -96,6 +97,7 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
         exe: None,
         cgroup: "/".to_owned(),
         manual: None,
+        parent: None,
     }
 }
 

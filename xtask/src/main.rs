@@ -180,13 +180,22 @@ fn setup(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The generic gRPC client the API tests use (grpcio: not our code, so it proves the API is
-/// usable without our client).
-const PYTHON_PACKAGES: &[&str] = &["grpcio", "grpcio-health-checking", "grpcio-reflection"];
+/// The generic gRPC client the API tests use and the OTLP receiver the trace tests use
+/// (grpcio and opentelemetry-proto: not our code, so they prove interoperability).
+const PYTHON_PACKAGES: &[&str] = &[
+    "grpcio",
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "opentelemetry-proto",
+];
 
 fn python_packages() -> Result<()> {
     let have = Command::new("python3")
-        .args(["-c", "import grpc, grpc_health.v1, grpc_reflection.v1alpha"])
+        .args([
+            "-c",
+            "import grpc, grpc_health.v1, grpc_reflection.v1alpha, \
+             opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+        ])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);

@@ -39,6 +39,8 @@ pub struct Job {
     pub cgroup: String,
     /// Asked for through the API rather than decided by the daemon.
     pub manual: Option<Manual>,
+    /// The session's trace context: the reclaim's span is its child.
+    pub parent: Option<opentelemetry::Context>,
 }
 
 /// An operator's reclaim request: the safety screen still applies, report mode does not.
@@ -69,6 +71,8 @@ pub struct Executor {
     /// The breaker's state, for the API (the executor runs on a thread of its own).
     tripped: Arc<std::sync::atomic::AtomicBool>,
     never: Untouchable,
+    /// The span of the job in hand (a no-op when tracing is off).
+    span: Option<opentelemetry::global::BoxedSpan>,
 }
 
 pub fn unix_ms() -> i64 {
@@ -215,6 +219,7 @@ impl Executor {
             breaker,
             tripped: Arc::default(),
             never,
+            span: None,
         }
     }
 
@@ -226,7 +231,8 @@ impl Executor {
         self.breaker.is_tripped()
     }
 
-    fn record(&self, d: &Decision) -> Option<i64> {
+    fn record(&mut self, d: &Decision) -> Option<i64> {
+        self.event("decision", format!("{}: {}", d.action.as_str(), d.reason));
         let ledger = self.ledger.lock().ok()?;
         match ledger.record_decision(d) {
             Ok(id) => Some(id),
@@ -248,7 +254,68 @@ impl Executor {
         }
     }
 
+    /// Handles `job` inside a `reclaim` span (child of the session's), with an event per
+    /// step and the outcome as its status.
     pub fn handle(&mut self, job: Job) -> Done {
+        use opentelemetry::{
+            KeyValue,
+            trace::{Span as _, Status, Tracer as _},
+        };
+        let a = &job.assessment;
+        let tracer = crate::telemetry::traces::tracer();
+        let builder = tracer.span_builder("reclaim").with_attributes(vec![
+            KeyValue::new("process.pid", i64::from(a.id.pid)),
+            KeyValue::new(
+                "process.executable.name",
+                a.holder.comm.clone().unwrap_or_default(),
+            ),
+            KeyValue::new("reclaimd.service", a.service.clone().unwrap_or_default()),
+            KeyValue::new(
+                "reclaimd.session.key",
+                a.sessions
+                    .first()
+                    .map(|s| s.key.clone())
+                    .unwrap_or_default(),
+            ),
+            KeyValue::new(
+                "reclaimd.gpu.uuid",
+                a.holder
+                    .memory
+                    .first()
+                    .map(|m| m.device_uuid.clone())
+                    .unwrap_or_default(),
+            ),
+            KeyValue::new("reclaimd.bytes", a.holder.known_bytes() as i64),
+            KeyValue::new("reclaimd.manual", job.manual.is_some()),
+        ]);
+        self.span = Some(match &job.parent {
+            Some(cx) => builder.start_with_context(&tracer, cx),
+            None => builder.start(&tracer),
+        });
+        let done = self.handle_inner(job);
+        if let Some(mut span) = self.span.take() {
+            span.set_attribute(KeyValue::new("reclaimd.outcome", done.outcome.as_str()));
+            if let Some(b) = done.bytes_freed {
+                span.set_attribute(KeyValue::new("reclaimd.bytes_freed", b as i64));
+            }
+            span.set_status(match done.outcome {
+                Outcome::Failed => Status::error("the memory is still held"),
+                _ => Status::Ok,
+            });
+            span.end();
+        }
+        done
+    }
+
+    /// An event on the current job's span.
+    fn event(&mut self, name: &'static str, detail: String) {
+        use opentelemetry::trace::Span as _;
+        if let Some(span) = &mut self.span {
+            span.add_event(name, vec![opentelemetry::KeyValue::new("detail", detail)]);
+        }
+    }
+
+    fn handle_inner(&mut self, job: Job) -> Done {
         let a = &job.assessment;
         let span = tracing::info_span!(
             "reclaim",
@@ -373,7 +440,9 @@ impl Executor {
                 ),
                 ("RECLAIMD_BYTES", a.holder.known_bytes().to_string()),
             ];
-            detail.push(hook::run(&hook.0, &env, hook.1));
+            let said = hook::run(&hook.0, &env, hook.1);
+            self.event("hook", said.clone());
+            detail.push(said);
         }
         let fd = match pin(a.id) {
             Ok(fd) => fd,
@@ -408,10 +477,15 @@ impl Executor {
             );
         }
         detail.push("SIGTERM".to_owned());
+        self.event("SIGTERM", String::new());
         if wait_exit(&fd, self.cfg.policy.term_grace) {
             detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
         } else {
             let _ = pidfd_send_signal(&fd, Signal::KILL);
+            self.event(
+                "SIGKILL",
+                format!("still alive after {:?}", self.cfg.policy.term_grace),
+            );
             detail.push(format!(
                 "SIGKILL after {} ms",
                 self.cfg.policy.term_grace.as_millis()
@@ -463,6 +537,7 @@ impl Executor {
             detail.push("verified: NVML no longer lists it".to_owned());
         }
         r.detail = detail.join("; ");
+        self.event("verification", r.detail.clone());
         r
     }
 }

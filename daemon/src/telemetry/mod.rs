@@ -2,5 +2,6 @@
 //! served on a Prometheus scrape endpoint.
 pub mod metrics;
 pub mod prometheus_endpoint;
+pub mod traces;
 
 pub use self::metrics::Metrics;

@@ -1,0 +1,136 @@
+//! Traces: a real OTLP receiver (grpcio + opentelemetry-proto, over gRPC and over
+//! HTTP/protobuf) gets the session span and its child reclaim span of an end-to-end reclaim.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use reclaimd_tests::{FakeGpu, daemon_after_a_reclaim_with, free_port};
+use serde_json::Value;
+
+fn workload() -> String {
+    reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
+const DEVICE: &str = "device 0 GPU-trace 16384 Fake H100";
+const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
+
+fn spans_of_a_reclaim(protocol: &str) {
+    let port = free_port();
+    let mut receiver = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
+        .args([
+            if protocol == "grpc" { "grpc" } else { "http" },
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (cargo xtask setup installs opentelemetry-proto)");
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = receiver.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "ready");
+
+    let gpu = FakeGpu::new(DEVICE);
+    let (d, server, worker) = daemon_after_a_reclaim_with(
+        &gpu,
+        &workload(),
+        DEVICE,
+        LLM,
+        &format!(
+            "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"{protocol}\"\n"
+        ),
+    );
+    // Stopping flushes the batch; the session span ends then if not before.
+    d.stop();
+    let mut spans: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let find = |spans: &[Value], name: &str| spans.iter().find(|s| s["name"] == name).cloned();
+    while find(&spans, "session").is_none() || find(&spans, "reclaim").is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => spans.push(serde_json::from_str(&line).unwrap()),
+            Err(_) => panic!("spans so far: {spans:#?}"),
+        }
+    }
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+
+    let session = find(&spans, "session").unwrap();
+    let reclaim = spans
+        .iter()
+        .find(|s| s["name"] == "reclaim" && s["attributes"]["process.pid"] == worker)
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(session["resource"]["service.name"], "reclaimd");
+    let sa = &session["attributes"];
+    assert_eq!(sa["reclaimd.service"], "llm");
+    assert_eq!(sa["reclaimd.session.kind"], "process");
+    assert_eq!(sa["process.pid"], server, "{session:#}");
+    assert_eq!(sa["reclaimd.death_cause"], "killed by signal 9");
+    assert!(
+        session["events"]
+            .as_array()
+            .unwrap()
+            .contains(&"died".into())
+    );
+    assert!(session["start_ns"].as_u64() < session["end_ns"].as_u64());
+
+    assert_eq!(reclaim["trace_id"], session["trace_id"], "one trace");
+    assert_eq!(
+        reclaim["parent_span_id"], session["span_id"],
+        "a child of the session"
+    );
+    let ra = &reclaim["attributes"];
+    assert_eq!(ra["reclaimd.outcome"], "reclaimed");
+    assert_eq!(ra["reclaimd.bytes_freed"], 1u64 << 30);
+    assert_eq!(ra["reclaimd.gpu.uuid"], "GPU-trace");
+    assert_eq!(ra["process.executable.name"], "gpu-worker");
+    let events: Vec<&str> = reclaim["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["decision", "SIGTERM", "verification"],
+        "{reclaim:#}"
+    );
+    assert_eq!(reclaim["status"], 1, "STATUS_CODE_OK");
+}
+
+#[test]
+fn otlp_grpc_receives_the_session_and_reclaim_spans() {
+    spans_of_a_reclaim("grpc");
+}
+
+#[test]
+fn otlp_http_receives_the_session_and_reclaim_spans() {
+    spans_of_a_reclaim("http/protobuf");
+}
+
+#[test]
+fn an_unreachable_collector_blocks_nothing() {
+    let nobody_listens = free_port();
+    let gpu = FakeGpu::new(DEVICE);
+    // The reclaim itself is asserted inside: it happens as without tracing.
+    let (d, _, _) = daemon_after_a_reclaim_with(
+        &gpu,
+        &workload(),
+        DEVICE,
+        LLM,
+        &format!("\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{nobody_listens}\"\n"),
+    );
+    let t = Instant::now();
+    d.stop();
+    // Shutdown gives the exporter a bounded moment (3 s), never the collector's mercy.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
