@@ -800,7 +800,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     );
     let breaker = exec.breaker_flag();
-    let metrics = Arc::new(crate::telemetry::Metrics::new()?);
+    let metrics = Arc::new(crate::telemetry::Metrics::new(&cfg.telemetry)?);
     let traces = crate::telemetry::traces::init(&cfg.telemetry)?;
     let metrics_task = match cfg.metrics_listen {
         Some(addr) => {
@@ -970,6 +970,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Some(t) = traces {
         t.shutdown();
     }
+    metrics.shutdown();
     tracing::info!("stopped");
     Ok(())
 }

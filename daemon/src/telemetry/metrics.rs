@@ -14,6 +14,46 @@ use crate::{gpu::Inventory, ledger::Outcome, reconcile::Assessment};
 pub enum MetricsError {
     #[error("Prometheus exporter: {0}")]
     Exporter(#[from] opentelemetry_sdk::error::OTelSdkError),
+    #[error("OTLP metric exporter: {0}")]
+    Otlp(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("[telemetry] otlp_protocol {0:?}: use \"grpc\" or \"http/protobuf\"")]
+    Protocol(String),
+}
+
+/// The OTLP metric exporter's reader, when OTLP export is configured: every 60 s (or
+/// OTEL_METRIC_EXPORT_INTERVAL ms), and once more at shutdown.
+fn otlp_reader(
+    cfg: &crate::config::TelemetryConfig,
+) -> Result<
+    Option<opentelemetry_sdk::metrics::PeriodicReader<opentelemetry_otlp::MetricExporter>>,
+    MetricsError,
+> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+    let Some(target) = super::otlp_target(cfg, "METRICS") else {
+        return Ok(None);
+    };
+    let exporter = match target.protocol.as_str() {
+        "grpc" => {
+            let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            if let Some(e) = &target.endpoint {
+                b = b.with_endpoint(e.clone());
+            }
+            b.with_timeout(Duration::from_secs(5)).build()?
+        }
+        "http/protobuf" => {
+            let mut b = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(e) = &target.endpoint {
+                b = b.with_endpoint(super::signal_url(e, "metrics"));
+            }
+            b.with_timeout(Duration::from_secs(5)).build()?
+        }
+        other => return Err(MetricsError::Protocol(other.to_owned())),
+    };
+    Ok(Some(
+        opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build(),
+    ))
 }
 
 /// Verdict names, all reported every time (zeros too), so a series never goes stale.
@@ -60,13 +100,20 @@ fn seconds(
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, MetricsError> {
+    /// Metrics for the Prometheus endpoint, and over OTLP too when `telemetry` says where.
+    pub fn new(telemetry: &crate::config::TelemetryConfig) -> Result<Self, MetricsError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .scope_info_enabled(false)
             .build()?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let mut builder = SdkMeterProvider::builder()
+            .with_reader(exporter)
+            .with_resource(super::resource());
+        if let Some(reader) = otlp_reader(telemetry)? {
+            builder = builder.with_reader(reader);
+        }
+        let provider = builder.build();
         let m = provider.meter("reclaimd");
         let counter = |name: &'static str, help: &'static str| {
             m.u64_counter(name).with_description(help).build()
@@ -149,6 +196,13 @@ impl Metrics {
 
     pub fn registry(&self) -> &prometheus::Registry {
         &self.registry
+    }
+
+    /// Exports what is pending (OTLP) and stops the readers.
+    pub fn shutdown(&self) {
+        if let Err(error) = self.provider.shutdown() {
+            tracing::warn!(%error, "flushing metrics at shutdown");
+        }
     }
 
     pub fn event(&self, kind: &'static str, latency_ns: u64) {
@@ -305,7 +359,7 @@ mod tests {
 
     #[test]
     fn names_units_and_labels_follow_the_conventions() {
-        let m = Metrics::new().unwrap();
+        let m = Metrics::new(&Default::default()).unwrap();
         m.event("exit", 120_000);
         m.settled(
             "llm",

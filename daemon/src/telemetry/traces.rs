@@ -5,9 +5,9 @@
 //! drops when full), so a slow or absent collector never blocks the daemon.
 use std::time::Duration;
 
-use opentelemetry::{KeyValue, global};
+use opentelemetry::global;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
-use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use crate::config::TelemetryConfig;
 
@@ -24,27 +24,16 @@ pub struct Traces {
     provider: SdkTracerProvider,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
 /// Installs the global tracer provider when tracing is configured; `None` when it is off
 /// (spans then cost nothing: the global tracer is a no-op).
 pub fn init(cfg: &TelemetryConfig) -> Result<Option<Traces>, TracesError> {
-    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or(env("OTEL_EXPORTER_OTLP_ENDPOINT"));
-    if cfg.otlp_endpoint.is_none() && from_env.is_none() {
+    let Some(target) = super::otlp_target(cfg, "TRACES") else {
         return Ok(None);
-    }
-    let protocol = cfg
-        .otlp_protocol
-        .clone()
-        .or(env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
-        .or(env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|| "grpc".to_owned());
-    let exporter = match protocol.as_str() {
+    };
+    let exporter = match target.protocol.as_str() {
         "grpc" => {
             let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-            if let Some(e) = &cfg.otlp_endpoint {
+            if let Some(e) = &target.endpoint {
                 b = b.with_endpoint(e.clone());
             }
             b.with_timeout(Duration::from_secs(5)).build()?
@@ -53,31 +42,19 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Option<Traces>, TracesError> {
             let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(Protocol::HttpBinary);
-            if let Some(e) = &cfg.otlp_endpoint {
-                // A base URL as in OTEL_EXPORTER_OTLP_ENDPOINT: the signal's path is added.
-                let e = e.trim_end_matches('/');
-                b = b.with_endpoint(if e.ends_with("/v1/traces") {
-                    e.to_owned()
-                } else {
-                    format!("{e}/v1/traces")
-                });
+            if let Some(e) = &target.endpoint {
+                b = b.with_endpoint(super::signal_url(e, "traces"));
             }
             b.with_timeout(Duration::from_secs(5)).build()?
         }
         other => return Err(TracesError::Protocol(other.to_owned())),
     };
-    let name = env("OTEL_SERVICE_NAME").unwrap_or_else(|| "reclaimd".to_owned());
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(
-            Resource::builder()
-                .with_service_name(name)
-                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-                .build(),
-        )
+        .with_resource(super::resource())
         .build();
     global::set_tracer_provider(provider.clone());
-    tracing::info!(%protocol, endpoint = cfg.otlp_endpoint.as_deref().or(from_env.as_deref()).unwrap_or(""),
+    tracing::info!(protocol = %target.protocol, endpoint = target.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"),
         "exporting traces over OTLP");
     Ok(Some(Traces { provider }))
 }

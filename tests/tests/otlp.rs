@@ -1,5 +1,6 @@
-//! Traces: a real OTLP receiver (grpcio + opentelemetry-proto, over gRPC and over
-//! HTTP/protobuf) gets the session span and its child reclaim span of an end-to-end reclaim.
+//! OTLP: a real receiver (grpcio + opentelemetry-proto, over gRPC and over HTTP/protobuf)
+//! gets the session span and its child reclaim span of an end-to-end reclaim, and the
+//! metrics (flushed when the daemon stops).
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -54,7 +55,11 @@ fn spans_of_a_reclaim(protocol: &str) {
     let mut spans: Vec<Value> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let find = |spans: &[Value], name: &str| spans.iter().find(|s| s["name"] == name).cloned();
-    while find(&spans, "session").is_none() || find(&spans, "reclaim").is_none() {
+    let metric = |spans: &[Value], name: &str| spans.iter().find(|s| s["metric"] == name).cloned();
+    while find(&spans, "session").is_none()
+        || find(&spans, "reclaim").is_none()
+        || metric(&spans, "reclaimd_reclaims").is_none()
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => spans.push(serde_json::from_str(&line).unwrap()),
@@ -105,15 +110,35 @@ fn spans_of_a_reclaim(protocol: &str) {
         "{reclaim:#}"
     );
     assert_eq!(reclaim["status"], 1, "STATUS_CODE_OK");
+
+    let reclaims = metric(&spans, "reclaimd_reclaims").unwrap();
+    assert_eq!(reclaims["kind"], "sum");
+    assert!(
+        reclaims["points"].as_array().unwrap().iter().any(|p| {
+            p["attributes"]["outcome"] == "reclaimed"
+                && p["attributes"]["service"] == "llm"
+                && p["value"] == 1
+        }),
+        "{reclaims:#}"
+    );
+    let memory = metric(&spans, "reclaimd_gpu_memory").unwrap();
+    assert!(
+        memory["points"].as_array().unwrap().iter().any(|p| {
+            p["attributes"]["device"] == "GPU-trace"
+                && p["attributes"]["state"] == "total"
+                && p["value"] == 16384u64 << 20
+        }),
+        "{memory:#}"
+    );
 }
 
 #[test]
-fn otlp_grpc_receives_the_session_and_reclaim_spans() {
+fn otlp_grpc_receives_the_spans_and_metrics() {
     spans_of_a_reclaim("grpc");
 }
 
 #[test]
-fn otlp_http_receives_the_session_and_reclaim_spans() {
+fn otlp_http_receives_the_spans_and_metrics() {
     spans_of_a_reclaim("http/protobuf");
 }
 
