@@ -801,7 +801,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     let breaker = exec.breaker_flag();
     let metrics = Arc::new(crate::telemetry::Metrics::new(&cfg.telemetry)?);
-    let traces = crate::telemetry::traces::init(&cfg.telemetry)?;
+    let traces = crate::telemetry::traces::init(&cfg.telemetry, metrics.clone())?;
     let metrics_task = match cfg.metrics_listen {
         Some(addr) => {
             let listener = crate::telemetry::prometheus_endpoint::bind(addr).await?;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reclaimd_tests::{FakeGpu, daemon_after_a_reclaim_with, free_port};
+use reclaimd_tests::{Daemon, FakeGpu, daemon_after_a_reclaim_with, free_port};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -17,6 +17,24 @@ fn workload() -> String {
 
 const DEVICE: &str = "device 0 GPU-trace 16384 Fake H100";
 const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
+
+/// Waits (the batch goes out every 5 s) until the daemon's /metrics has `series` above 0.
+fn wait_for_metric(gpu: &FakeGpu, series: &str) {
+    let url = format!("http://127.0.0.1:{}/metrics", Daemon::metrics_port(gpu));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = ureq::get(&url).call().unwrap().into_string().unwrap();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if value.is_some_and(|v| v > 0.0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} never counted:\n{text}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
 
 fn spans_of_a_reclaim(protocol: &str) {
     let port = free_port();
@@ -50,6 +68,7 @@ fn spans_of_a_reclaim(protocol: &str) {
             "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"{protocol}\"\n"
         ),
     );
+    wait_for_metric(&gpu, "reclaimd_spans_exported_total");
     // Stopping flushes the batch; the session span ends then if not before.
     d.stop();
     let mut spans: Vec<Value> = Vec::new();
@@ -153,6 +172,11 @@ fn an_unreachable_collector_blocks_nothing() {
         DEVICE,
         LLM,
         &format!("\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{nobody_listens}\"\n"),
+    );
+    // What the collector did not take is counted (on the daemon's own metrics).
+    wait_for_metric(
+        &gpu,
+        "reclaimd_spans_dropped_total{reason=\"export_failed\"}",
     );
     let t = Instant::now();
     d.stop();

@@ -77,6 +77,8 @@ pub struct Metrics {
     nvml_up: Gauge<u64>,
     nvml_errors: Counter<u64>,
     inventory_duration: Histogram<f64>,
+    spans_exported: Counter<u64>,
+    spans_dropped: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -183,6 +185,14 @@ impl Metrics {
                 "reclaimd_inventory_duration",
                 "One GPU inventory: NVML calls and the /proc device-file scan",
                 vec![1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0],
+            ),
+            spans_exported: counter(
+                "reclaimd_spans_exported",
+                "Trace spans the OTLP collector accepted",
+            ),
+            spans_dropped: counter(
+                "reclaimd_spans_dropped",
+                "Trace spans lost: the collector failed or was unreachable",
             ),
             provider,
             registry,
@@ -305,6 +315,15 @@ impl Metrics {
                 self.time_to_reclaim.record(t.as_secs_f64(), &[s]);
             }
         }
+    }
+
+    pub fn spans_exported(&self, n: u64) {
+        self.spans_exported.add(n, &[]);
+    }
+
+    pub fn spans_dropped(&self, n: u64, reason: &'static str) {
+        self.spans_dropped
+            .add(n, &[KeyValue::new("reason", reason)]);
     }
 
     pub fn queue(&self, depth: usize, breaker_tripped: bool) {

@@ -3,7 +3,7 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` variables are set;
 //! then spans go through the SDK's batch processor (its own thread, a bounded queue that
 //! drops when full), so a slow or absent collector never blocks the daemon.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use opentelemetry::global;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
@@ -26,7 +26,10 @@ pub struct Traces {
 
 /// Installs the global tracer provider when tracing is configured; `None` when it is off
 /// (spans then cost nothing: the global tracer is a no-op).
-pub fn init(cfg: &TelemetryConfig) -> Result<Option<Traces>, TracesError> {
+pub fn init(
+    cfg: &TelemetryConfig,
+    metrics: Arc<super::Metrics>,
+) -> Result<Option<Traces>, TracesError> {
     let Some(target) = super::otlp_target(cfg, "TRACES") else {
         return Ok(None);
     };
@@ -50,7 +53,10 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Option<Traces>, TracesError> {
         other => return Err(TracesError::Protocol(other.to_owned())),
     };
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(Counted {
+            inner: exporter,
+            metrics,
+        })
         .with_resource(super::resource())
         .build();
     global::set_tracer_provider(provider.clone());
@@ -71,4 +77,41 @@ impl Traces {
 /// The daemon's tracer (a no-op one when tracing is off).
 pub fn tracer() -> global::BoxedTracer {
     global::tracer("reclaimd")
+}
+
+/// The exporter, counting what the collector took and what it did not (the batch processor
+/// retries nothing: a failed export's spans are lost, and now counted).
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    metrics: Arc<super::Metrics>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counted<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => self.metrics.spans_exported(n),
+            Err(_) => self.metrics.spans_dropped(n, "export_failed"),
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
