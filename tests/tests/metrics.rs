@@ -49,6 +49,7 @@ fn the_endpoint_exports_every_family_by_convention() {
         "reclaimd_breaker_tripped 0",
         "reclaimd_nvml_up 1",
         "reclaimd_inventory_duration_seconds_count",
+        "reclaimd_nvml_query_duration_seconds_bucket",
     ] {
         assert!(text.contains(family), "{family} missing:\n{text}");
     }

@@ -132,6 +132,9 @@ pub struct Inventory {
     pub holders: BTreeMap<u32, Holder>,
     /// Driver answers that were not trusted (malformed entries, fallbacks taken).
     pub warnings: Vec<String>,
+    /// How long the NVML queries took (0 while NVML is backing off).
+    #[serde(skip)]
+    pub nvml_duration: std::time::Duration,
 }
 
 impl Inventory {

@@ -73,9 +73,13 @@ impl GpuInventory {
     }
 
     pub fn snapshot(&mut self) -> Inventory {
+        let t0 = std::time::Instant::now();
         let report = self.nvml.query();
+        let nvml_duration = t0.elapsed();
         let fds = self.files.scan(self.own_pid);
-        join(report, fds, &self.files)
+        let mut inv = join(report, fds, &self.files);
+        inv.nvml_duration = nvml_duration;
+        inv
     }
 }
 
@@ -158,5 +162,6 @@ pub fn join(
         devices: out_devices,
         holders,
         warnings,
+        nvml_duration: std::time::Duration::ZERO,
     }
 }

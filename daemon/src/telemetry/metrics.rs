@@ -77,6 +77,7 @@ pub struct Metrics {
     nvml_up: Gauge<u64>,
     nvml_errors: Counter<u64>,
     inventory_duration: Histogram<f64>,
+    nvml_duration: Histogram<f64>,
     spans_exported: Counter<u64>,
     spans_dropped: Counter<u64>,
 }
@@ -186,6 +187,12 @@ impl Metrics {
                 "One GPU inventory: NVML calls and the /proc device-file scan",
                 vec![1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0],
             ),
+            nvml_duration: seconds(
+                &m,
+                "reclaimd_nvml_query_duration",
+                "NVML calls of one inventory (devices, memory, process lists)",
+                vec![1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0],
+            ),
             spans_exported: counter(
                 "reclaimd_spans_exported",
                 "Trace spans the OTLP collector accepted",
@@ -240,7 +247,10 @@ impl Metrics {
         self.inventory_duration.record(took.as_secs_f64(), &[]);
         let up = matches!(inv.nvml, crate::gpu::NvmlStatus::Available { .. });
         self.nvml_up.record(u64::from(up), &[]);
-        if !up {
+        if up {
+            self.nvml_duration
+                .record(inv.nvml_duration.as_secs_f64(), &[]);
+        } else {
             self.nvml_errors.add(1, &[]);
         }
         for d in &inv.devices {
