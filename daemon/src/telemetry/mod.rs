@@ -2,6 +2,7 @@
 //! served on a Prometheus scrape endpoint.
 pub mod metrics;
 pub mod prometheus_endpoint;
+pub mod span_queue;
 pub mod traces;
 
 pub use self::metrics::Metrics;

@@ -1,8 +1,8 @@
 //! Traces over OTLP: a span per session (seen → settled) and a child span per reclaim. Off
 //! unless an endpoint is configured (`[telemetry] otlp_endpoint`) or the standard
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` variables are set;
-//! then spans go through the SDK's batch processor (its own thread, a bounded queue that
-//! drops when full), so a slow or absent collector never blocks the daemon.
+//! then spans go through a bounded queue drained by a thread of its own (`span_queue`), so
+//! a slow or absent collector never blocks the daemon, and every span lost is counted.
 use std::{sync::Arc, time::Duration};
 
 use opentelemetry::global;
@@ -52,12 +52,12 @@ pub fn init(
         }
         other => return Err(TracesError::Protocol(other.to_owned())),
     };
+    let resource = super::resource();
+    let mut exporter = exporter;
+    opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(Counted {
-            inner: exporter,
-            metrics,
-        })
-        .with_resource(super::resource())
+        .with_span_processor(super::span_queue::SpanQueue::new(exporter, metrics))
+        .with_resource(resource)
         .build();
     global::set_tracer_provider(provider.clone());
     tracing::info!(protocol = %target.protocol, endpoint = target.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"),
@@ -77,41 +77,4 @@ impl Traces {
 /// The daemon's tracer (a no-op one when tracing is off).
 pub fn tracer() -> global::BoxedTracer {
     global::tracer("reclaimd")
-}
-
-/// The exporter, counting what the collector took and what it did not (the batch processor
-/// retries nothing: a failed export's spans are lost, and now counted).
-#[derive(Debug)]
-struct Counted<E> {
-    inner: E,
-    metrics: Arc<super::Metrics>,
-}
-
-impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
-    for Counted<E>
-{
-    async fn export(
-        &self,
-        batch: Vec<opentelemetry_sdk::trace::SpanData>,
-    ) -> opentelemetry_sdk::error::OTelSdkResult {
-        let n = batch.len() as u64;
-        let result = self.inner.export(batch).await;
-        match &result {
-            Ok(()) => self.metrics.spans_exported(n),
-            Err(_) => self.metrics.spans_dropped(n, "export_failed"),
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.inner.set_resource(resource);
-    }
 }
