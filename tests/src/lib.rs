@@ -440,10 +440,16 @@ impl Daemon {
 
     /// Starts the daemon on an existing config with `RUST_LOG=rust_log`.
     pub fn start_logging(config: PathBuf, ledger: PathBuf, rust_log: &str) -> Self {
+        Self::start_env(config, ledger, &[("RUST_LOG", rust_log)])
+    }
+
+    /// Starts the daemon on an existing config with more environment variables.
+    pub fn start_env(config: PathBuf, ledger: PathBuf, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(reclaimd_bin())
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", rust_log)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -183,3 +183,52 @@ fn an_unreachable_collector_blocks_nothing() {
     // Shutdown gives the exporter a bounded moment (3 s), never the collector's mercy.
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 }
+
+#[test]
+fn the_standard_otel_variables_alone_turn_export_on() {
+    let port = free_port();
+    let mut receiver = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
+        .args(["grpc", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel::<String>();
+    let out = receiver.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the receiver spoke")
+    };
+    assert_eq!(next(), "ready");
+    let gpu = FakeGpu::new(DEVICE);
+    let (config, ledger) = Daemon::write_config(&gpu, "sweep = \"200ms\"", LLM);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let d = Daemon::start_env(
+        config,
+        ledger,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_SERVICE_NAME", "reclaimd-from-env"),
+        ],
+    );
+    // Shutdown flushes the metrics: proof enough that the variables alone switched it on.
+    d.stop();
+    let first: Value = serde_json::from_str(&next()).unwrap();
+    assert!(
+        first["metric"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reclaimd_")),
+        "{first}"
+    );
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
