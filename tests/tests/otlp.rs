@@ -18,6 +18,28 @@ fn workload() -> String {
 const DEVICE: &str = "device 0 GPU-trace 16384 Fake H100";
 const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
+/// The OTLP receiver on a free port, "ready": its port, process, and output lines.
+fn start_receiver(mode: &str) -> (u16, std::process::Child, mpsc::Receiver<String>) {
+    let port = free_port();
+    let mut receiver = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
+        .args([mode, &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (cargo xtask setup installs opentelemetry-proto)");
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = receiver.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "ready");
+    (port, receiver, rx)
+}
+
 /// Waits (the batch goes out every 5 s) until the daemon's /metrics has `series` above 0.
 fn wait_for_metric(gpu: &FakeGpu, series: &str) {
     let url = format!("http://127.0.0.1:{}/metrics", Daemon::metrics_port(gpu));
@@ -37,26 +59,7 @@ fn wait_for_metric(gpu: &FakeGpu, series: &str) {
 }
 
 fn spans_of_a_reclaim(protocol: &str) {
-    let port = free_port();
-    let mut receiver = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
-        .args([
-            if protocol == "grpc" { "grpc" } else { "http" },
-            &port.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 (cargo xtask setup installs opentelemetry-proto)");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = receiver.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "ready");
+    let (port, mut receiver, rx) = start_receiver(if protocol == "grpc" { "grpc" } else { "http" });
 
     let gpu = FakeGpu::new(DEVICE);
     let (d, server, worker) = daemon_after_a_reclaim_with(
@@ -186,28 +189,12 @@ fn an_unreachable_collector_blocks_nothing() {
 
 #[test]
 fn the_standard_otel_variables_alone_turn_export_on() {
-    let port = free_port();
-    let mut receiver = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
-        .args(["grpc", &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel::<String>();
-    let out = receiver.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (port, mut receiver, lines) = start_receiver("grpc");
     let next = || {
         lines
             .recv_timeout(Duration::from_secs(30))
             .expect("the receiver spoke")
     };
-    assert_eq!(next(), "ready");
     let gpu = FakeGpu::new(DEVICE);
     let (config, ledger) = Daemon::write_config(&gpu, "sweep = \"200ms\"", LLM);
     let endpoint = format!("http://127.0.0.1:{port}");
