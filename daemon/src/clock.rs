@@ -10,3 +10,17 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The wall-clock time of a CLOCK_MONOTONIC instant in the past.
+pub fn wall_time(mono_ns: u64) -> std::time::SystemTime {
+    let ago = monotonic_ns().saturating_sub(mono_ns);
+    std::time::SystemTime::now() - std::time::Duration::from_nanos(ago)
+}
+
+/// The same, as Unix milliseconds (how the ledger and the API write times).
+pub fn wall_ms(mono_ns: u64) -> i64 {
+    wall_time(mono_ns)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

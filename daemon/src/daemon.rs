@@ -55,12 +55,6 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
     }
 }
 
-/// A wall-clock time for a CLOCK_MONOTONIC instant in the past.
-fn system_time(mono_ns: Ns) -> std::time::SystemTime {
-    let ago = clock::monotonic_ns().saturating_sub(mono_ns);
-    std::time::SystemTime::now() - Duration::from_nanos(ago)
-}
-
 /// Starts the span of a dead session (from when it was first seen), with OTel's
 /// attribute names where they exist and ours under `reclaimd.*`.
 fn session_span(
@@ -99,12 +93,12 @@ fn session_span(
     let tracer = crate::telemetry::traces::tracer();
     let mut span = tracer
         .span_builder("session")
-        .with_start_time(system_time(sess.seen.unwrap_or(death.at)))
+        .with_start_time(clock::wall_time(sess.seen.unwrap_or(death.at)))
         .with_attributes(attrs)
         .start(&tracer);
     span.add_event_with_timestamp(
         "died",
-        system_time(death.at),
+        clock::wall_time(death.at),
         vec![KeyValue::new("cause", death.cause.clone())],
     );
     opentelemetry::Context::new().with_span(span)
@@ -349,9 +343,6 @@ impl Core {
         }
         reconcile::leaves_first(&mut orphans);
         for a in orphans {
-            let exe =
-                std::fs::read_link(self.proc_root.join(a.id.pid.to_string()).join("exe")).ok();
-            let cgroup = scan::cgroup_of(&self.proc_root, a.id.pid).unwrap_or_default();
             let id = a.id;
             tracing::info!(
                 pid = id.pid,
@@ -360,14 +351,7 @@ impl Core {
                 bytes = a.holder.known_bytes(),
                 "orphan found"
             );
-            let parent = self.session_context(&a);
-            match jobs.try_send(Job {
-                assessment: a,
-                parent,
-                exe,
-                cgroup,
-                manual: None,
-            }) {
+            match jobs.try_send(self.job(a, None)) {
                 Ok(()) => {
                     self.in_flight.insert(id);
                 }
@@ -496,7 +480,7 @@ impl Core {
                                 service: a.service.clone().unwrap_or_default(),
                                 dead: true,
                                 death_cause: d.cause.clone(),
-                                death_time_ms: Some(executor::mono_to_unix_ms(d.at)),
+                                death_time_ms: Some(clock::wall_ms(d.at)),
                                 pid: 0,
                             }),
                         })),
@@ -528,6 +512,18 @@ impl Core {
             }
             keep
         });
+    }
+
+    /// A job for the executor, with the facts read now: exe, cgroup, trace parent.
+    fn job(&self, a: Assessment, manual: Option<Manual>) -> Job {
+        let pid = a.id.pid;
+        Job {
+            parent: self.session_context(&a),
+            exe: std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).ok(),
+            cgroup: scan::cgroup_of(&self.proc_root, pid).unwrap_or_default(),
+            assessment: a,
+            manual,
+        }
     }
 
     /// The trace context of the (first dead) session a holder is bound to.
@@ -595,16 +591,7 @@ impl Core {
                     .devices
                     .iter()
                     .map(|d| {
-                        let orphaned = l
-                            .assessments
-                            .iter()
-                            .filter(|a| {
-                                matches!(a.verdict, Verdict::Orphan | Verdict::Pending { .. })
-                            })
-                            .flat_map(|a| a.holder.memory.iter())
-                            .filter(|m| m.device_uuid == d.uuid)
-                            .filter_map(|m| m.bytes)
-                            .sum();
+                        let orphaned = reconcile::orphaned_bytes(&l.assessments, &d.uuid);
                         api::convert::device(d, orphaned)
                     })
                     .collect()
@@ -649,7 +636,7 @@ impl Core {
                     .as_ref()
                     .map(|d| d.cause.clone())
                     .unwrap_or_default(),
-                death_time_ms: s.death.as_ref().map(|d| executor::mono_to_unix_ms(d.at)),
+                death_time_ms: s.death.as_ref().map(|d| clock::wall_ms(d.at)),
                 pid: s.pid,
             })
             .collect();
@@ -716,17 +703,14 @@ impl Core {
         let mut waiting = HashSet::new();
         for a in targets {
             let id = a.id;
-            let job = Job {
-                parent: self.session_context(&a),
-                exe: std::fs::read_link(self.proc_root.join(id.pid.to_string()).join("exe")).ok(),
-                cgroup: scan::cgroup_of(&self.proc_root, id.pid).unwrap_or_default(),
-                assessment: a,
-                manual: Some(Manual {
+            let job = self.job(
+                a,
+                Some(Manual {
                     reason: m.reason.clone(),
                     dry_run: m.dry_run,
                     uid: m.uid,
                 }),
-            };
+            );
             if jobs.try_send(job).is_err() {
                 self.queue_full += 1;
                 break;

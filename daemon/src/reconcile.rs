@@ -65,6 +65,18 @@ impl Verdict {
     }
 }
 
+/// Known bytes on device `uuid` held by holders whose sessions are all dead (pending or
+/// orphaned): what the API and the metrics call orphaned.
+pub fn orphaned_bytes(assessments: &[Assessment], uuid: &str) -> u64 {
+    assessments
+        .iter()
+        .filter(|a| matches!(a.verdict, Verdict::Orphan | Verdict::Pending { .. }))
+        .flat_map(|a| a.holder.memory.iter())
+        .filter(|m| m.device_uuid == uuid)
+        .filter_map(|m| m.bytes)
+        .sum()
+}
+
 /// Grace under memory pressure: halved above `soft`, none above `hard`.
 pub fn effective_grace(grace: Duration, pressure: f64, soft: f64, hard: f64) -> Duration {
     if pressure >= hard {

@@ -82,12 +82,6 @@ pub fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Wall-clock ms of a CLOCK_MONOTONIC instant in the past.
-pub fn mono_to_unix_ms(mono_ns: u64) -> i64 {
-    let ago = clock::monotonic_ns().saturating_sub(mono_ns) / 1_000_000;
-    unix_ms() - ago as i64
-}
-
 /// The ledger row for a decision about `a`.
 pub fn decision(a: &Assessment, cgroup: &str, action: Action, reason: String) -> Decision {
     let kinds: Vec<&str> = a.sessions.iter().map(|s| s.kind).collect();
@@ -109,7 +103,7 @@ pub fn decision(a: &Assessment, cgroup: &str, action: Action, reason: String) ->
             .as_ref()
             .map(|d| d.cause.clone())
             .unwrap_or_default(),
-        death_time_ms: a.death.as_ref().map(|d| mono_to_unix_ms(d.at)),
+        death_time_ms: a.death.as_ref().map(|d| clock::wall_ms(d.at)),
         pid: a.id.pid,
         start_time: a.id.start_time,
         comm: a.holder.comm.clone().unwrap_or_default(),

@@ -254,19 +254,7 @@ impl Metrics {
             self.nvml_errors.add(1, &[]);
         }
         for d in &inv.devices {
-            let orphaned: u64 = assessments
-                .iter()
-                .filter(|a| {
-                    matches!(
-                        a.verdict,
-                        crate::reconcile::Verdict::Orphan
-                            | crate::reconcile::Verdict::Pending { .. }
-                    )
-                })
-                .flat_map(|a| a.holder.memory.iter())
-                .filter(|m| m.device_uuid == d.uuid)
-                .filter_map(|m| m.bytes)
-                .sum();
+            let orphaned = crate::reconcile::orphaned_bytes(assessments, &d.uuid);
             for (state, v) in [
                 ("total", d.total_bytes),
                 ("used", d.used_bytes),
