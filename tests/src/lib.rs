@@ -392,10 +392,7 @@ impl Daemon {
         {
             return p;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         std::fs::write(&file, port.to_string()).expect("write metrics.port");
         port
     }
@@ -578,10 +575,24 @@ pub fn ledger_records(ledger: &std::path::Path) -> Vec<reclaimd::ledger::Record>
 
 /// Whether `pid` is alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with(['Z', 'X'])))
-        .is_some_and(|zombie| !zombie)
+    reclaimd::gpu::ProcStat::read(std::path::Path::new("/proc"), pid)
+        .is_some_and(|s| !s.is_zombie())
+}
+
+/// SIGKILL to a process the test started.
+pub fn kill(pid: u32) {
+    // SAFETY: kill has no memory arguments; callers name their own processes.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// A `workload server NAME DEVICE EXTRA...`: a service process and its one worker, which
+/// holds DEVICE (a file, or `cuda:MIB`) by the time this returns; with the worker's pid.
+pub fn spawn_server(workload: &str, name: &str, device: &str, extra: &[&str]) -> (Workload, u32) {
+    let mut args = vec!["server", name, device];
+    args.extend_from_slice(extra);
+    let server = Workload::spawn(workload, &args);
+    let worker = server.line("worker").parse().expect("worker pid");
+    (server, worker)
 }
 
 /// Percentile (0..=100) of sorted values.
@@ -713,19 +724,16 @@ pub fn daemon_after_a_reclaim_with(
         &format!("mode = \"enforce\"\ngrace = \"0s\"\n{extra}"),
         services,
     );
-    let server = Workload::spawn(
+    let device_file = gpu.device_file(0);
+    let (server, worker) = spawn_server(
         workload,
-        &[
-            "server",
-            "llm-server",
-            gpu.device_file(0).to_str().expect("utf-8"),
-        ],
+        "llm-server",
+        device_file.to_str().expect("utf-8"),
+        &[],
     );
-    let worker: u32 = server.line("worker").parse().expect("worker pid");
     gpu.set_state(&format!("{device}\nproc 0 {worker} 1024 compute\n"));
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: our child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    kill(server.pid());
     let r = wait_for_record(&d.ledger, worker, PROMETHEUS_WAIT);
     assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed, "{r:#?}");
     let server_pid = server.pid();

@@ -6,7 +6,9 @@ use reclaimd::api::{
     client,
     pb::{self, event::Kind},
 };
-use reclaimd_tests::{Daemon, FakeGpu, Workload, alive, ledger_records, wait_for_record};
+use reclaimd_tests::{
+    Daemon, FakeGpu, Workload, alive, kill, ledger_records, spawn_server, wait_for_record,
+};
 use tonic::Code;
 
 fn workload() -> String {
@@ -28,11 +30,8 @@ fn services(gpu: &FakeGpu, n: usize) -> Vec<Service> {
     let device = gpu.device_file(0);
     let v: Vec<Service> = (0..n)
         .map(|_| {
-            let server = Workload::spawn(
-                &workload(),
-                &["server", "llm-server", device.to_str().unwrap()],
-            );
-            let worker = server.line("worker").parse().unwrap();
+            let (server, worker) =
+                spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
             Service { server, worker }
         })
         .collect();
@@ -42,11 +41,6 @@ fn services(gpu: &FakeGpu, n: usize) -> Vec<Service> {
         .collect();
     gpu.set_state(&format!("{DEVICE}\n{procs}"));
     v
-}
-
-fn kill(pid: u32) {
-    // SAFETY: a process of this test.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 fn start(gpu: &FakeGpu, policy: &str) -> Daemon {
@@ -660,11 +654,7 @@ async fn tcp_needs_a_client_certificate_and_is_read_only() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let gpu = FakeGpu::new(DEVICE);
     let [ca, server_cert, server_key, client_cert, client_key] = certificates(gpu.dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = reclaimd_tests::free_port();
     let (config, ledger) = Daemon::write_config_api(
         &gpu,
         "sweep = \"200ms\"",

@@ -10,7 +10,8 @@ use reclaimd::{
     ledger::Outcome,
 };
 use reclaimd_tests::{
-    Daemon, TempDir, Workload, alive, nvidia_driver_present, snapshot_until, wait_for_record,
+    Daemon, TempDir, Workload, alive, kill, nvidia_driver_present, snapshot_until, spawn_server,
+    wait_for_record,
 };
 
 fn workload() -> String {
@@ -113,19 +114,15 @@ fn real_driver_end_to_end_reclaim() {
     )
     .unwrap();
     let d = Daemon::start_with(config, ledger.clone());
-    let server = Workload::spawn(
-        &workload(),
-        &["server", "llm-server", &format!("cuda:{HOLD_MIB}")],
-    );
-    let worker: u32 = server.line("worker").parse().unwrap();
+    let (server, worker) =
+        spawn_server(&workload(), "llm-server", &format!("cuda:{HOLD_MIB}"), &[]);
     // Let the daemon see the worker hold its memory before the server dies.
     let mut inv = GpuInventory::new(&GpuOptions::default()).unwrap();
     snapshot_until(&mut inv, Duration::from_secs(20), |s| {
         s.holders.get(&worker).is_some_and(|h| !h.memory.is_empty())
     });
     std::thread::sleep(Duration::from_millis(1200));
-    // SAFETY: our child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    kill(server.pid());
     let r = wait_for_record(&ledger, worker, Duration::from_secs(30));
     let res = r.resolution.clone().unwrap();
     eprintln!("real-driver reclaim: {r:#?}");

@@ -4,7 +4,8 @@ use std::{net::TcpStream, process::Command, time::Duration};
 
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, ledger_records, reclaimd_bin, wait_for_record,
+    Daemon, FakeGpu, Workload, alive, free_port, kill, ledger_records, reclaimd_bin, spawn_server,
+    wait_for_record,
 };
 
 fn workload() -> String {
@@ -23,10 +24,7 @@ struct Service {
 
 fn start_service(gpu: &FakeGpu, name: &str, mib: u64, extra: &[&str]) -> Service {
     let device = gpu.device_file(0);
-    let mut args = vec!["server", name, device.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let server = Workload::spawn(&workload(), &args);
-    let worker: u32 = server.line("worker").parse().unwrap();
+    let (server, worker) = spawn_server(&workload(), name, device.to_str().unwrap(), extra);
     let listed = if extra.contains(&"inherit") {
         server.pid() // the driver lists the creator, not the child that inherited the fd
     } else {
@@ -34,11 +32,6 @@ fn start_service(gpu: &FakeGpu, name: &str, mib: u64, extra: &[&str]) -> Service
     };
     gpu.set_state(&format!("{DEVICE}\nproc 0 {listed} {mib} compute\n"));
     Service { server, worker }
-}
-
-fn kill(pid: u32) {
-    // SAFETY: a process of this test.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 /// Kills the server of `s` once a sweep has seen its holder; the worker's settled record.
@@ -276,19 +269,7 @@ fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
     kill(s.server.pid());
     // A signal is acted on when its target next runs: wait until the server has really
     // exited (a zombie: past the exit tracepoint) before the daemon may read again.
-    let stat = format!("/proc/{}/stat", s.server.pid());
-    let deadline = std::time::Instant::now() + WAIT;
-    while !std::fs::read_to_string(&stat).is_ok_and(|t| {
-        t.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not die"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(gone_within(s.server.pid(), WAIT), "the server did not die");
     // SAFETY: as above.
     unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) };
     let r = wait_for_record(&d.ledger, s.worker, WAIT);
@@ -330,11 +311,7 @@ fn without_nvml_the_daemon_runs_says_so_once_and_recovers() {
 #[test]
 fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
     let gpu = FakeGpu::new(DEVICE);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Daemon::start(
         &gpu,
         "mode = \"enforce\"\ngrace = \"0s\"",

@@ -4,7 +4,7 @@ use std::{
     time::Duration,
 };
 
-use reclaimd_tests::{Daemon, FakeGpu, Workload, reclaimctl_bin, wait_for_record};
+use reclaimd_tests::{Daemon, FakeGpu, kill, reclaimctl_bin, spawn_server, wait_for_record};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -44,15 +44,11 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
         LLM,
     );
     let d = Daemon::start_with(config.clone(), ledger.clone());
-    let server = Workload::spawn(
-        &workload(),
-        &["server", "llm-server", gpu.device_file(0).to_str().unwrap()],
-    );
-    let worker: u32 = server.line("worker").parse().unwrap();
+    let device = gpu.device_file(0);
+    let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 512 compute\n"));
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: our child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    kill(server.pid());
     wait_for_record(&ledger, worker, Duration::from_secs(20));
 
     let shows = |v: &Value| {

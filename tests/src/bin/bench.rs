@@ -79,18 +79,18 @@ fn time_to_reclaim(runs: usize) -> Reclaims {
         failures: 0,
     };
     for i in 0..runs {
-        let server = Workload::spawn(
+        let (server, worker) = reclaimd_tests::spawn_server(
             &workload(),
-            &["server", "llm-server", device.to_str().expect("utf-8")],
+            "llm-server",
+            device.to_str().expect("utf-8"),
+            &[],
         );
-        let worker: u32 = server.line("worker").parse().expect("worker pid");
         gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 1024 compute\n"));
         // Let the daemon's exit-triggered snapshot of the previous run settle, so that this
         // run measures one death, not a queue.
         std::thread::sleep(Duration::from_millis(20));
         let t0 = Instant::now();
-        // SAFETY: our child.
-        unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+        reclaimd_tests::kill(server.pid());
         match pidfd_wait(worker, Duration::from_secs(20)) {
             Some(at) => out.kill_to_exit_us.push((at - t0).as_micros() as u64),
             None => out.failures += 1,
@@ -143,10 +143,7 @@ struct Memory {
 
 fn memory(sessions: usize) -> Memory {
     let gpu = FakeGpu::new(DEVICE);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = reclaimd_tests::free_port();
     let mut d = daemon(
         &gpu,
         "sweep = \"1s\"",

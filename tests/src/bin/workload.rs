@@ -80,25 +80,17 @@ mod demo {
         }
     }
 
-    fn alive(pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with('Z'))
-        })
-    }
-
     /// Rewrites the state atomically: the device, live listed workers, and `new` ones.
     fn write_state(state: &str, device_line: &str, new: &[(i32, u64)]) {
         let old = std::fs::read_to_string(state).unwrap_or_default();
         let mut text = format!("{device_line}\n");
         for line in old.lines().filter(|l| l.starts_with("proc ")) {
-            let pid: i32 = line
+            let pid: u32 = line
                 .split_whitespace()
                 .nth(2)
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
-            if alive(pid) {
+            if reclaimd_tests::alive(pid) {
                 text.push_str(line);
                 text.push('\n');
             }
