@@ -41,6 +41,19 @@ pub enum Mode {
     Enforce,
 }
 
+/// Where kernel events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// eBPF where it loads; otherwise the fallback, saying why.
+    Auto,
+    /// eBPF or nothing: the daemon refuses to start without it.
+    Ebpf,
+    /// No eBPF: process events from the kernel's proc connector, everything else from a
+    /// /proc sweep every `fallback_sweep`. Slower to see deaths.
+    Fallback,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -107,8 +120,11 @@ pub struct GpuConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeConfig {
+    pub mode: ProbeMode,
     pub ring_bytes: u32,
     pub btf: PathBuf,
+    /// How often the fallback re-reads /proc and the socket tables.
+    pub fallback_sweep: Duration,
 }
 
 /// The gRPC API's listeners and who may act through them.
@@ -153,8 +169,13 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub ledger_path: PathBuf,
     pub probe: ProbeConfig,
+    /// `[kubernetes] containers_dir`: the kubelet's container log names, to attribute holders
+    /// to pods; `None` when set to "".
+    pub containers_dir: Option<PathBuf>,
     pub services: Vec<Service>,
 }
+
+pub const DEFAULT_CONTAINERS_DIR: &str = "/var/log/containers";
 
 impl Default for Config {
     fn default() -> Self {
@@ -176,10 +197,13 @@ impl Default for Config {
             },
             ledger_path: PathBuf::from(DEFAULT_LEDGER_PATH),
             probe: ProbeConfig {
+                mode: ProbeMode::Auto,
                 ring_bytes: probe::DEFAULT_RING_BYTES,
                 btf: PathBuf::from(probe::DEFAULT_BTF_PATH),
+                fallback_sweep: Duration::from_secs(1),
             },
             services: Vec::new(),
+            containers_dir: Some(PathBuf::from(DEFAULT_CONTAINERS_DIR)),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             telemetry: TelemetryConfig::default(),
             api: ApiConfig {
@@ -304,7 +328,15 @@ mod raw {
         #[serde(default)]
         pub telemetry: Telemetry,
         #[serde(default)]
+        pub kubernetes: Kubernetes,
+        #[serde(default)]
         pub service: Vec<Service>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Kubernetes {
+        pub containers_dir: Option<PathBuf>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -364,8 +396,10 @@ mod raw {
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Probe {
+        pub mode: Option<super::ProbeMode>,
         pub ring_bytes: Option<u32>,
         pub btf: Option<PathBuf>,
+        pub fallback_sweep: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -501,6 +535,18 @@ mod raw {
                 return Err(invalid(
                     "probe.ring_bytes",
                     format!("{ring_bytes} must be a power of two, at least 4096"),
+                ));
+            }
+            let fallback_sweep = duration(
+                &self.probe.fallback_sweep,
+                "probe.fallback_sweep",
+                d.probe.fallback_sweep,
+                invalid,
+            )?;
+            if fallback_sweep < Duration::from_millis(100) {
+                return Err(invalid(
+                    "probe.fallback_sweep",
+                    "must be at least 100ms".to_owned(),
                 ));
             }
 
@@ -668,8 +714,15 @@ mod raw {
                 metrics_listen,
                 telemetry,
                 probe: super::ProbeConfig {
+                    mode: self.probe.mode.unwrap_or(d.probe.mode),
                     ring_bytes,
                     btf: self.probe.btf.unwrap_or(d.probe.btf),
+                    fallback_sweep,
+                },
+                containers_dir: match self.kubernetes.containers_dir {
+                    None => d.containers_dir,
+                    Some(p) if p.as_os_str().is_empty() => None,
+                    Some(p) => Some(p),
                 },
                 services,
             })
@@ -812,6 +865,14 @@ hook = "/usr/local/bin/drain"
             ("[policy]\nprotect = [\"\"]\n", "policy.protect"),
             ("[gpu]\ndevice_glob = \"/dev/[\"\n", "gpu.device_glob"),
             ("[probe]\nring_bytes = 5000\n", "probe.ring_bytes"),
+            (
+                "[probe]\nmode = \"kprobe\"\n",
+                "expected one of `auto`, `ebpf`, `fallback`",
+            ),
+            (
+                "[probe]\nfallback_sweep = \"10ms\"\n",
+                "probe.fallback_sweep",
+            ),
             (
                 "[[service]]\nname = \"a\"\nmatch = { comm = [\"averyveryverylongname\"] }\n",
                 "service[0].match.comm",

@@ -23,7 +23,7 @@ use crate::{
     gpu::{GpuError, GpuInventory, GpuOptions, HolderStatus, Inventory, in_host_pid_namespace},
     ledger::{Action, Ledger, LedgerError, Lineage},
     model::{Binding, ConnKey, Model, Ns, ProcId},
-    probe::{Probe, ProbeError, ProbeOptions, Received},
+    probe::{EventSource, ProbeError, ProbeOptions, Received},
     reclaim::{Done, Executor, Job, Manual, Untouchable, executor},
     reconcile::{self, Assessment, Verdict},
     scan,
@@ -191,6 +191,11 @@ struct Core {
     /// Manual reclaims waiting for the executor.
     manual: Vec<ManualWait>,
     metrics: Arc<crate::telemetry::Metrics>,
+    /// The event source's name, and why it is not eBPF when it is not.
+    probe_mode: &'static str,
+    probe_degraded: Option<String>,
+    /// Holders' Kubernetes pods, from their cgroups.
+    pods: std::cell::RefCell<crate::kube::Resolver>,
     /// Open `session` spans of dead sessions, ended when nothing binds to them any more.
     session_spans: HashMap<String, opentelemetry::Context>,
 }
@@ -416,6 +421,7 @@ impl Core {
             crate::ledger::Outcome::Released,
             None,
             None,
+            None,
         );
     }
 
@@ -521,6 +527,7 @@ impl Core {
             parent: self.session_context(&a),
             exe: std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).ok(),
             cgroup: scan::cgroup_of(&self.proc_root, pid).unwrap_or_default(),
+            pod: self.pods.borrow_mut().pod_of(&self.proc_root, pid),
             assessment: a,
             manual,
         }
@@ -535,8 +542,13 @@ impl Core {
     }
 
     fn on_done(&mut self, d: &Done) {
-        self.metrics
-            .settled(&d.service, d.outcome, d.bytes_freed, d.time_to_reclaim);
+        self.metrics.settled(
+            &d.service,
+            d.outcome,
+            d.bytes_freed,
+            d.time_to_reclaim,
+            d.pod.as_ref(),
+        );
         self.in_flight.remove(&d.id);
         self.decided.insert(d.id);
         self.dying.remove(&d.id);
@@ -600,7 +612,8 @@ impl Core {
         pb::GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            probe_mode: "ebpf".to_owned(),
+            probe_mode: self.probe_mode.to_owned(),
+            probe_degraded_reason: self.probe_degraded.clone().unwrap_or_default(),
             events_seen: self.events_seen,
             events_dropped: self.events_dropped,
             policy_mode: match self.cfg.policy.mode {
@@ -653,7 +666,10 @@ impl Core {
             .inventory
             .holders
             .values()
-            .map(|h| api::convert::holder(h, by_pid.get(&h.pid).copied()))
+            .map(|h| {
+                let pod = self.pods.borrow_mut().pod_of(&self.proc_root, h.pid);
+                api::convert::holder(h, by_pid.get(&h.pid).copied(), pod)
+            })
             .filter(|h| q.service.is_empty() || h.service == q.service)
             .filter(|h| q.verdict.is_empty() || h.verdict == q.verdict)
             .collect();
@@ -761,11 +777,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         nvml_library: cfg.gpu.nvml_library.clone(),
         device_glob: cfg.gpu.device_glob.clone(),
     };
-    let mut probe = Probe::load(&ProbeOptions {
-        watched_ports: cfg.watched_ports(),
-        ring_bytes: cfg.probe.ring_bytes,
-        btf_path: cfg.probe.btf.clone(),
-    })?;
+    let opened = EventSource::open(
+        cfg.probe.mode,
+        &ProbeOptions {
+            watched_ports: cfg.watched_ports(),
+            ring_bytes: cfg.probe.ring_bytes,
+            btf_path: cfg.probe.btf.clone(),
+        },
+    )?;
+    let mut probe = opened.source;
+    let sweep_every = if let Some(why) = &opened.degraded {
+        tracing::warn!(mode = probe.mode(), reason = %why, sweep = ?cfg.probe.fallback_sweep,
+            "DEGRADED: running without eBPF; deaths are found by the fallback, later");
+        cfg.policy.sweep.min(cfg.probe.fallback_sweep)
+    } else {
+        cfg.policy.sweep
+    };
     let mut gpu = Some(GpuInventory::new(&gpu_opts)?);
     // The API's socket is bound before anything else can fail late: a daemon that cannot
     // answer its operators does not start.
@@ -829,8 +856,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         announced: HashSet::new(),
         manual: Vec::new(),
         metrics: metrics.clone(),
+        probe_mode: probe.mode(),
+        probe_degraded: opened.degraded,
+        pods: std::cell::RefCell::new(crate::kube::Resolver::new(cfg.containers_dir.clone())),
         session_spans: HashMap::new(),
     };
+    metrics.probe_mode(probe.mode());
     let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
     let (api_stop_tx, api_stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -865,7 +896,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         api = %cfg.api.socket.display(), "reclaimd running");
 
     let mut batch: Vec<Received> = Vec::with_capacity(1024);
-    let mut sweep = tokio::time::interval(cfg.policy.sweep);
+    let mut sweep = tokio::time::interval(sweep_every);
     let mut snapshot: Option<JoinHandle<Snapshot>> = None;
     // The first snapshot is a full one: /proc, sockets and GPUs.
     let mut full_due = true;
@@ -895,7 +926,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 let drops = probe.drops()?;
                 if drops > last_drops {
                     metrics.dropped(drops - last_drops);
-                    tracing::warn!(lost = drops - last_drops, "kernel events lost: resynchronising from /proc");
+                    tracing::warn!(lost = drops - last_drops, source = probe.mode(),
+                        "kernel events lost: resynchronising from /proc");
                     last_drops = drops;
                 }
                 core.events_dropped = drops;

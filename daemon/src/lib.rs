@@ -10,6 +10,7 @@ pub mod event;
 pub mod gpu;
 pub mod human;
 pub mod inventory_cmd;
+pub mod kube;
 pub mod ledger;
 pub mod model;
 pub mod probe;

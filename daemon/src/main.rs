@@ -15,7 +15,8 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 ///
 /// reclaimd watches the kernel (eBPF tracepoints) for sessions that die, joins that with who
 /// holds GPU memory, and reclaims what is orphaned. It needs root (or CAP_BPF + CAP_PERFMON)
-/// and a kernel with BTF (Linux >= 5.8, CONFIG_DEBUG_INFO_BTF=y).
+/// and a kernel with BTF (Linux >= 5.8, CONFIG_DEBUG_INFO_BTF=y); where eBPF cannot load it
+/// runs degraded on the proc connector and a /proc sweep, and says so.
 ///
 /// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=reclaimd=debug) for more.
 #[derive(Debug, Parser)]
@@ -45,6 +46,13 @@ enum Command {
         /// Check the configuration, print what it means, and exit.
         #[arg(long)]
         check: bool,
+
+        /// Run without eBPF, as `[probe] mode = "fallback"`: process exits from the kernel's
+        /// proc connector (or, where it is unavailable, a /proc sweep) and socket closes from a
+        /// /proc sweep every `[probe] fallback_sweep`. Deaths are seen later; status and the
+        /// reclaimd_probe_mode metric say so.
+        #[arg(long)]
+        no_ebpf: bool,
     },
 
     /// Stream the kernel events reclaimd sees, one per line, until interrupted.
@@ -135,13 +143,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Run { config, check } => {
-            let cfg = reclaimd::config::Config::load(&config)?;
+        Command::Run {
+            config,
+            check,
+            no_ebpf,
+        } => {
+            let mut cfg = reclaimd::config::Config::load(&config)?;
+            if no_ebpf {
+                cfg.probe.mode = reclaimd::config::ProbeMode::Fallback;
+            }
             if check {
                 println!(
-                    "{}: ok: mode {:?}, {} service(s), ledger {}",
+                    "{}: ok: mode {:?}, probe {:?}, {} service(s), ledger {}",
                     config.display(),
                     cfg.policy.mode,
+                    cfg.probe.mode,
                     cfg.services.len(),
                     cfg.ledger_path.display()
                 );

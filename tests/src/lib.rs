@@ -5,7 +5,7 @@
 //! need root and run one at a time (`--test-threads=1`, as `cargo xtask test` does).
 use std::{
     io::{BufRead, BufReader, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError, channel},
     time::{Duration, Instant},
@@ -442,9 +442,30 @@ impl Daemon {
 
     /// Starts the daemon on an existing config with more environment variables.
     pub fn start_env(config: PathBuf, ledger: PathBuf, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(reclaimd_bin())
+        Self::start_wrapped(&[], &[], config, ledger, env)
+    }
+
+    /// Starts `wrapper… reclaimd run --config CONFIG args…` (a wrapper such as setpriv).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        args: &[&str],
+        config: PathBuf,
+        ledger: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let bin = reclaimd_bin();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(&config)
+            .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -593,6 +614,106 @@ pub fn spawn_server(workload: &str, name: &str, device: &str, extra: &[&str]) ->
     let server = Workload::spawn(workload, &args);
     let worker = server.line("worker").parse().expect("worker pid");
     (server, worker)
+}
+
+/// A `workload conn-server NAME ADDR DEVICE`: a service listening on ADDR that starts one
+/// worker (holding DEVICE) per accepted connection; returns once it listens.
+pub fn spawn_conn_server(workload: &str, name: &str, addr: &str, device: &Path) -> Workload {
+    let server = Workload::spawn(
+        workload,
+        &[
+            "conn-server",
+            name,
+            addr,
+            device.to_str().expect("utf-8 path"),
+        ],
+    );
+    server.line("listening");
+    server
+}
+
+/// A conn-server with two connections open, each served by a worker holding GPU memory
+/// (100 MiB for `stay`, 200 MiB for `leave`, on device 0 of `device`, the fake's device line).
+pub struct TwoConnections {
+    pub server: Workload,
+    pub stay: std::net::TcpStream,
+    pub w_stay: u32,
+    pub leave: std::net::TcpStream,
+    pub w_leave: u32,
+}
+
+impl TwoConnections {
+    pub fn open(gpu: &FakeGpu, device: &str, workload: &str, name: &str, addr: &str) -> Self {
+        let server = spawn_conn_server(workload, name, addr, &gpu.device_file(0));
+        let stay = std::net::TcpStream::connect(addr).expect("connect");
+        let w_stay = next_worker(&server);
+        let leave = std::net::TcpStream::connect(addr).expect("connect");
+        let w_leave = next_worker(&server);
+        gpu.set_state(&format!(
+            "{device}\nproc 0 {w_stay} 100 compute\nproc 0 {w_leave} 200 compute\n"
+        ));
+        Self {
+            server,
+            stay,
+            w_stay,
+            leave,
+            w_leave,
+        }
+    }
+}
+
+/// `reclaimctl --json ARGS` against the daemon of `gpu`'s config; it must succeed.
+pub fn reclaimctl_json(gpu: &FakeGpu, args: &[&str]) -> Value {
+    let out = Command::new(reclaimctl_bin())
+        .arg("--socket")
+        .arg(Daemon::api_socket(gpu))
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run reclaimctl");
+    assert!(
+        out.status.success(),
+        "reclaimctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// The pid of the next worker a conn-server reports.
+pub fn next_worker(server: &Workload) -> u32 {
+    server
+        .line("worker")
+        .split(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("worker pid")
+}
+
+/// The OTLP receiver (`tests/py/otlp_receiver.py`, "grpc" or "http") on a free port, ready:
+/// its port, process, and output lines (one JSON object per span or metric).
+pub fn start_receiver(mode: &str) -> (u16, Child, Receiver<String>) {
+    let port = free_port();
+    let mut receiver = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
+        .args([mode, &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (cargo xtask setup installs opentelemetry-proto)");
+    let (tx, rx) = channel::<String>();
+    let out = receiver.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("receiver ready"),
+        "ready"
+    );
+    (port, receiver, rx)
 }
 
 /// Percentile (0..=100) of sorted values.

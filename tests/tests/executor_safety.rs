@@ -96,6 +96,7 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
         },
         exe: None,
         cgroup: "/".to_owned(),
+        pod: None,
         manual: None,
         parent: None,
     }

@@ -1,14 +1,9 @@
 //! OTLP: a real receiver (grpcio + opentelemetry-proto, over gRPC and over HTTP/protobuf)
 //! gets the session span and its child reclaim span of an end-to-end reclaim, and the
 //! metrics (flushed when the daemon stops).
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use reclaimd_tests::{Daemon, FakeGpu, daemon_after_a_reclaim_with, free_port};
+use reclaimd_tests::{Daemon, FakeGpu, daemon_after_a_reclaim_with, free_port, start_receiver};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -17,28 +12,6 @@ fn workload() -> String {
 
 const DEVICE: &str = "device 0 GPU-trace 16384 Fake H100";
 const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
-
-/// The OTLP receiver on a free port, "ready": its port, process, and output lines.
-fn start_receiver(mode: &str) -> (u16, std::process::Child, mpsc::Receiver<String>) {
-    let port = free_port();
-    let mut receiver = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py"))
-        .args([mode, &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 (cargo xtask setup installs opentelemetry-proto)");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = receiver.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "ready");
-    (port, receiver, rx)
-}
 
 /// Waits (the batch goes out every 5 s) until the daemon's /metrics has `series` above 0.
 fn wait_for_metric(gpu: &FakeGpu, series: &str) {

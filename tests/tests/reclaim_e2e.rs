@@ -1,11 +1,11 @@
 //! `reclaimd run` end to end: real eBPF programs in this kernel, real processes holding
 //! (fake) GPU device files, the fake NVML library, and the ledger. Root only.
-use std::{net::TcpStream, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, free_port, kill, ledger_records, reclaimd_bin, spawn_server,
-    wait_for_record,
+    Daemon, FakeGpu, TwoConnections, Workload, alive, free_port, kill, ledger_records,
+    reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record,
 };
 
 fn workload() -> String {
@@ -160,8 +160,19 @@ fn a_worker_that_lets_go_by_itself_is_released_not_reclaimed() {
     let s = start_service(&gpu, "llm-server", 256, &[]);
     std::thread::sleep(Duration::from_millis(300));
     kill(s.server.pid());
-    std::thread::sleep(Duration::from_millis(400));
     let worker = s.worker;
+    // Only a holder the daemon saw orphaned-in-waiting can be recorded as letting go: on a
+    // loaded machine the first snapshot after the death may come late.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !reclaimctl_json(&gpu, &["holders"])["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["pid"] == worker && h["verdict"] == "pending")
+    {
+        assert!(std::time::Instant::now() < deadline, "never pending");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ = s.server.finish(); // closes stdin: the worker exits within the grace period
     assert!(gone_within(worker, WAIT));
     let r = wait_for_record(&d.ledger, worker, WAIT);
@@ -321,35 +332,13 @@ fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
         ),
     );
     let addr = format!("127.0.0.1:{port}");
-    let server = Workload::spawn(
-        &workload(),
-        &[
-            "conn-server",
-            "api-server",
-            &addr,
-            gpu.device_file(0).to_str().unwrap(),
-        ],
-    );
-    server.line("listening");
-    let stay = TcpStream::connect(&addr).unwrap();
-    let w_stay: u32 = server
-        .line("worker")
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let leave = TcpStream::connect(&addr).unwrap();
-    let w_leave: u32 = server
-        .line("worker")
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    gpu.set_state(&format!(
-        "{DEVICE}\nproc 0 {w_stay} 100 compute\nproc 0 {w_leave} 200 compute\n"
-    ));
+    let TwoConnections {
+        server,
+        stay,
+        w_stay,
+        leave,
+        w_leave,
+    } = TwoConnections::open(&gpu, DEVICE, &workload(), "api-server", &addr);
     std::thread::sleep(Duration::from_millis(400));
     drop(leave);
     let r = wait_for_record(&d.ledger, w_leave, WAIT);

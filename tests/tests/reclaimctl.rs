@@ -4,7 +4,9 @@ use std::{
     time::Duration,
 };
 
-use reclaimd_tests::{Daemon, FakeGpu, kill, reclaimctl_bin, spawn_server, wait_for_record};
+use reclaimd_tests::{
+    Daemon, FakeGpu, kill, reclaimctl_bin, reclaimctl_json, spawn_server, wait_for_record,
+};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -21,18 +23,6 @@ fn ctl(gpu: &FakeGpu, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run reclaimctl")
-}
-
-fn ok_json(gpu: &FakeGpu, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = ctl(gpu, &all);
-    assert!(
-        out.status.success(),
-        "reclaimctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 #[test]
@@ -59,9 +49,9 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
                 && r["service"] == "llm"
         })
     };
-    let recs = ok_json(&gpu, &["reclaims", "--since", "1h"]);
+    let recs = reclaimctl_json(&gpu, &["reclaims", "--since", "1h"]);
     assert!(shows(&recs), "{recs:#}");
-    let filtered = ok_json(&gpu, &["reclaims", "--outcome", "failed"]);
+    let filtered = reclaimctl_json(&gpu, &["reclaims", "--outcome", "failed"]);
     assert_eq!(filtered.as_array().unwrap().len(), 0);
     let table = ctl(&gpu, &["reclaims"]);
     let text = String::from_utf8_lossy(&table.stdout);
@@ -72,7 +62,7 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
         "{text}"
     );
     assert!(text.contains("ago"), "ages as people read them: {text}");
-    let status = ok_json(&gpu, &["status"]);
+    let status = reclaimctl_json(&gpu, &["status"]);
     assert_eq!(status["policy_mode"], "enforce");
     assert_eq!(status["devices"][0]["uuid"], "GPU-ctl");
     let status_table = String::from_utf8_lossy(&ctl(&gpu, &["status"]).stdout).into_owned();
@@ -96,7 +86,7 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
     assert_eq!(down.status.code(), Some(3), "daemon down");
     assert!(String::from_utf8_lossy(&down.stderr).contains("not running"));
     let d = Daemon::start_with(config, ledger);
-    let recs = ok_json(&gpu, &["reclaims"]);
+    let recs = reclaimctl_json(&gpu, &["reclaims"]);
     assert!(shows(&recs), "after a restart: {recs:#}");
     d.stop();
     let _ = server.finish();

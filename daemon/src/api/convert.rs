@@ -55,7 +55,8 @@ fn kind(k: ProcessKind) -> &'static str {
     }
 }
 
-pub fn holder(h: &Holder, a: Option<&Assessment>) -> pb::Holder {
+pub fn holder(h: &Holder, a: Option<&Assessment>, pod: Option<crate::kube::PodRef>) -> pb::Holder {
+    let pod = pod.unwrap_or_default();
     pb::Holder {
         pid: h.pid,
         comm: h.comm.clone().unwrap_or_default(),
@@ -83,5 +84,8 @@ pub fn holder(h: &Holder, a: Option<&Assessment>) -> pb::Holder {
             })
             .collect(),
         device_files: h.fds.iter().map(|f| f.path.display().to_string()).collect(),
+        k8s_namespace: pod.namespace,
+        k8s_pod: pod.pod,
+        k8s_container: pod.container,
     }
 }

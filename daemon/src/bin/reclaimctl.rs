@@ -264,8 +264,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return json(&r);
             }
             out(&format!(
-                "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} SESSIONS",
-                "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT"
+                "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} SESSIONS",
+                "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
             ))?;
             for h in &r.holders {
                 let known: u64 = h.memory.iter().filter_map(|m| m.bytes).sum();
@@ -280,8 +280,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 } else {
                     "-".to_owned()
                 };
+                let pod = if h.k8s_pod.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!("{}/{}/{}", h.k8s_namespace, h.k8s_pod, h.k8s_container)
+                };
                 out(&format!(
-                    "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {}",
+                    "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} {}",
                     h.pid,
                     h.comm,
                     if h.service.is_empty() {
@@ -292,6 +297,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     h.verdict,
                     mem,
                     grace,
+                    pod,
                     h.session_keys.join(",")
                 ))?;
             }
@@ -393,6 +399,12 @@ fn print_status(s: &pb::GetStatusResponse) -> Result<(), Failure> {
             ""
         }
     ))?;
+    if !s.probe_degraded_reason.is_empty() {
+        out(&format!(
+            "DEGRADED: {} (deaths are seen later)",
+            s.probe_degraded_reason
+        ))?;
+    }
     out(&format!(
         "kernel events: {} seen, {} lost; reclaim queue {}/{}",
         s.events_seen, s.events_dropped, s.queue_depth, s.queue_capacity

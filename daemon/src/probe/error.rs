@@ -79,6 +79,6 @@ pub enum ProbeError {
     #[error("invalid ring buffer size {0}: must be a power of two and at least 4096 bytes")]
     RingSize(u32),
 
-    #[error("ring buffer I/O: {0}")]
+    #[error("reading kernel events: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -3,8 +3,10 @@
 //!
 //! Dropping a [`Probe`] detaches every program.
 mod btf;
+mod connector;
 mod error;
 mod preflight;
+mod source;
 
 use std::path::PathBuf;
 
@@ -18,7 +20,9 @@ use tokio::io::unix::AsyncFd;
 
 pub use self::{
     btf::{Btf, BtfError},
+    connector::ProcConnector,
     error::ProbeError,
+    source::{EventSource, Opened},
 };
 use crate::{clock, event::KernelEvent};
 
@@ -248,10 +252,11 @@ fn attach_error(program: &str, source: ProgramError) -> ProbeError {
     }
 }
 
-/// Registers an aya object that owns its file descriptor (ring buffer, log reader) with tokio.
+/// Registers an object that owns its file descriptor (ring buffer, log reader, netlink
+/// socket) with tokio.
 fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: aya's RingBuf and EbpfLogger own their fd and keep it open, unchanged, until
-    // they are dropped, and the AsyncFd owns them.
+    // SAFETY: aya's RingBuf and EbpfLogger, and OwnedFd, own their fd and keep it open,
+    // unchanged, until they are dropped, and the AsyncFd owns them.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }

@@ -37,6 +37,8 @@ pub struct Job {
     pub assessment: Assessment,
     pub exe: Option<PathBuf>,
     pub cgroup: String,
+    /// The Kubernetes pod and container it runs in, when it does.
+    pub pod: Option<crate::kube::PodRef>,
     /// Asked for through the API rather than decided by the daemon.
     pub manual: Option<Manual>,
     /// The session's trace context: the reclaim's span is its child.
@@ -61,6 +63,7 @@ pub struct Done {
     pub ledger_id: Option<i64>,
     pub bytes_freed: Option<u64>,
     pub time_to_reclaim: Option<Duration>,
+    pub pod: Option<crate::kube::PodRef>,
 }
 
 pub struct Executor {
@@ -257,7 +260,7 @@ impl Executor {
         };
         let a = &job.assessment;
         let tracer = crate::telemetry::traces::tracer();
-        let builder = tracer.span_builder("reclaim").with_attributes(vec![
+        let mut attributes = vec![
             KeyValue::new("process.pid", i64::from(a.id.pid)),
             KeyValue::new(
                 "process.executable.name",
@@ -281,7 +284,16 @@ impl Executor {
             ),
             KeyValue::new("reclaimd.bytes", a.holder.known_bytes() as i64),
             KeyValue::new("reclaimd.manual", job.manual.is_some()),
-        ]);
+        ];
+        if let Some(p) = &job.pod {
+            // OpenTelemetry's Kubernetes resource conventions.
+            attributes.extend([
+                KeyValue::new("k8s.namespace.name", p.namespace.clone()),
+                KeyValue::new("k8s.pod.name", p.pod.clone()),
+                KeyValue::new("k8s.container.name", p.container.clone()),
+            ]);
+        }
+        let builder = tracer.span_builder("reclaim").with_attributes(attributes);
         self.span = Some(match &job.parent {
             Some(cx) => builder.start_with_context(&tracer, cx),
             None => builder.start(&tracer),
@@ -324,6 +336,7 @@ impl Executor {
             ledger_id: None,
             bytes_freed: None,
             time_to_reclaim: None,
+            pod: job.pod.clone(),
         };
         let refusal = policy::screen(
             &a.holder,

@@ -80,6 +80,7 @@ pub struct Metrics {
     nvml_duration: Histogram<f64>,
     spans_exported: Counter<u64>,
     spans_dropped: Counter<u64>,
+    probe_mode: Gauge<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -201,6 +202,10 @@ impl Metrics {
                 "reclaimd_spans_dropped",
                 "Trace spans lost: the collector failed or was unreachable",
             ),
+            probe_mode: gauge(
+                "reclaimd_probe_mode",
+                "1 for the event source in use: ebpf, or degraded proc-connector / proc-sweep",
+            ),
             provider,
             registry,
         };
@@ -226,6 +231,14 @@ impl Metrics {
         let k = [KeyValue::new("kind", kind)];
         self.events.add(1, &k);
         self.event_latency.record(latency_ns as f64 / 1e9, &k);
+    }
+
+    /// Every mode is reported (0 for the others), so a switch shows in one series.
+    pub fn probe_mode(&self, mode: &'static str) {
+        for m in ["ebpf", "proc-connector", "proc-sweep"] {
+            self.probe_mode
+                .record(u64::from(m == mode), &[KeyValue::new("mode", m)]);
+        }
     }
 
     pub fn dropped(&self, n: u64) {
@@ -296,19 +309,27 @@ impl Metrics {
         }
     }
 
+    /// A settled job. Kubernetes holders add their namespace and container name (bounded by
+    /// what is deployed); pod names churn, so they go to traces only.
     pub fn settled(
         &self,
         service: &str,
         outcome: Outcome,
         freed: Option<u64>,
         ttr: Option<Duration>,
+        pod: Option<&crate::kube::PodRef>,
     ) {
         let s = KeyValue::new("service", service.to_owned());
-        self.reclaims
-            .add(1, &[s.clone(), KeyValue::new("outcome", outcome.as_str())]);
+        let mut labels = vec![s.clone()];
+        if let Some(p) = pod {
+            labels.push(KeyValue::new("k8s_namespace", p.namespace.clone()));
+            labels.push(KeyValue::new("k8s_container", p.container.clone()));
+        }
+        let mut with_outcome = labels.clone();
+        with_outcome.push(KeyValue::new("outcome", outcome.as_str()));
+        self.reclaims.add(1, &with_outcome);
         if outcome == Outcome::Reclaimed {
-            self.reclaimed_bytes
-                .add(freed.unwrap_or(0), std::slice::from_ref(&s));
+            self.reclaimed_bytes.add(freed.unwrap_or(0), &labels);
             if let Some(t) = ttr {
                 self.time_to_reclaim.record(t.as_secs_f64(), &[s]);
             }
@@ -383,13 +404,21 @@ mod tests {
             Outcome::Reclaimed,
             Some(2 << 30),
             Some(Duration::from_millis(30)),
+            None,
         );
+        let pod = crate::kube::PodRef {
+            namespace: "team-a".into(),
+            pod: "vllm-7d9f".into(),
+            container: "server".into(),
+        };
+        m.settled("llm", Outcome::Failed, None, None, Some(&pod));
         m.session_death("llm", "killed by signal 9");
         m.queue(3, false);
         let text = m.render();
         for needle in [
             "reclaimd_kernel_events_total{kind=\"exit\"} 1",
             "reclaimd_reclaims_total{outcome=\"reclaimed\",service=\"llm\"} 1",
+            "reclaimd_reclaims_total{k8s_container=\"server\",k8s_namespace=\"team-a\",outcome=\"failed\",service=\"llm\"} 1",
             "reclaimd_reclaimed_bytes_total{service=\"llm\"} 2147483648",
             "reclaimd_time_to_reclaim_seconds_count{service=\"llm\"} 1",
             "reclaimd_kernel_event_latency_seconds_bucket{kind=\"exit\",le=\"0.00025\"} 1",
