@@ -194,6 +194,8 @@ struct Core {
     /// The event source's name, and why it is not eBPF when it is not.
     probe_mode: &'static str,
     probe_degraded: Option<String>,
+    /// The last ledger write error, until a write succeeds again.
+    ledger_error: Option<String>,
     /// Holders' Kubernetes pods, from their cgroups.
     pods: std::cell::RefCell<crate::kube::Resolver>,
     /// Open `session` spans of dead sessions, ended when nothing binds to them any more.
@@ -542,16 +544,25 @@ impl Core {
     }
 
     fn on_done(&mut self, d: &Done) {
-        self.metrics.settled(
-            &d.service,
-            d.outcome,
-            d.bytes_freed,
-            d.time_to_reclaim,
-            d.pod.as_ref(),
-        );
         self.in_flight.remove(&d.id);
-        self.decided.insert(d.id);
-        self.dying.remove(&d.id);
+        if let Some(e) = &d.ledger_error {
+            // Nothing was done (invariant 3): left undecided, so the next sweep tries again.
+            self.metrics.ledger_error();
+            self.ledger_error = Some(e.clone());
+        } else {
+            if d.ledger_id.is_some() {
+                self.ledger_error = None;
+            }
+            self.metrics.settled(
+                &d.service,
+                d.outcome,
+                d.bytes_freed,
+                d.time_to_reclaim,
+                d.pod.as_ref(),
+            );
+            self.decided.insert(d.id);
+            self.dying.remove(&d.id);
+        }
         if let Some(id) = d.ledger_id {
             self.publish_record(id);
         }
@@ -614,6 +625,7 @@ impl Core {
             uptime_seconds: self.started.elapsed().as_secs(),
             probe_mode: self.probe_mode.to_owned(),
             probe_degraded_reason: self.probe_degraded.clone().unwrap_or_default(),
+            ledger_error: self.ledger_error.clone().unwrap_or_default(),
             events_seen: self.events_seen,
             events_dropped: self.events_dropped,
             policy_mode: match self.cfg.policy.mode {
@@ -858,6 +870,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         metrics: metrics.clone(),
         probe_mode: probe.mode(),
         probe_degraded: opened.degraded,
+        ledger_error: None,
         pods: std::cell::RefCell::new(crate::kube::Resolver::new(cfg.containers_dir.clone())),
         session_spans: HashMap::new(),
     };

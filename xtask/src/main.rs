@@ -187,6 +187,7 @@ const PYTHON_PACKAGES: &[&str] = &[
     "grpcio-health-checking",
     "grpcio-reflection",
     "opentelemetry-proto",
+    "kubernetes-validate==1.37.0",
 ];
 
 fn python_packages() -> Result<()> {
@@ -194,7 +195,7 @@ fn python_packages() -> Result<()> {
         .args([
             "-c",
             "import grpc, grpc_health.v1, grpc_reflection.v1alpha, \
-             opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+             opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, kubernetes_validate",
         ])
         .output()
         .map(|o| o.status.success())

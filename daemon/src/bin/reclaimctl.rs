@@ -399,6 +399,12 @@ fn print_status(s: &pb::GetStatusResponse) -> Result<(), Failure> {
             ""
         }
     ))?;
+    if !s.ledger_error.is_empty() {
+        out(&format!(
+            "LEDGER UNWRITABLE: {} (nothing is signalled until it can record)",
+            s.ledger_error
+        ))?;
+    }
     if !s.probe_degraded_reason.is_empty() {
         out(&format!(
             "DEGRADED: {} (deaths are seen later)",

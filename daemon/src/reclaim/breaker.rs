@@ -53,6 +53,12 @@ impl Breaker {
         true
     }
 
+    /// Gives back the last `allow`: nothing was done with it (the ledger could not record
+    /// the decision), so a retry does not count twice.
+    pub fn refund(&mut self) {
+        self.recent.pop_back();
+    }
+
     pub fn reset(&mut self) {
         self.tripped_at = None;
         self.recent.clear();

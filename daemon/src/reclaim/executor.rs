@@ -64,6 +64,8 @@ pub struct Done {
     pub bytes_freed: Option<u64>,
     pub time_to_reclaim: Option<Duration>,
     pub pod: Option<crate::kube::PodRef>,
+    /// The ledger could not record the decision, so nothing was done: decide again later.
+    pub ledger_error: Option<String>,
 }
 
 pub struct Executor {
@@ -76,6 +78,8 @@ pub struct Executor {
     never: Untouchable,
     /// The span of the job in hand (a no-op when tracing is off).
     span: Option<opentelemetry::global::BoxedSpan>,
+    /// Why the last ledger write of the job in hand failed.
+    write_error: Option<String>,
 }
 
 pub fn unix_ms() -> i64 {
@@ -217,6 +221,7 @@ impl Executor {
             tripped: Arc::default(),
             never,
             span: None,
+            write_error: None,
         }
     }
 
@@ -234,7 +239,10 @@ impl Executor {
         match ledger.record_decision(d) {
             Ok(id) => Some(id),
             Err(error) => {
-                tracing::error!(%error, pid = d.pid, "ledger write failed: not acting");
+                tracing::error!(%error, pid = d.pid, ledger = %self.cfg.ledger_path.display(),
+                    "ledger write failed: not acting until the ledger can record the decision \
+                     (retried every sweep)");
+                self.write_error = Some(error.to_string());
                 None
             }
         }
@@ -298,7 +306,8 @@ impl Executor {
             Some(cx) => builder.start_with_context(&tracer, cx),
             None => builder.start(&tracer),
         });
-        let done = self.handle_inner(job);
+        let mut done = self.handle_inner(job);
+        done.ledger_error = self.write_error.take();
         if let Some(mut span) = self.span.take() {
             span.set_attribute(KeyValue::new("reclaimd.outcome", done.outcome.as_str()));
             if let Some(b) = done.bytes_freed {
@@ -337,6 +346,7 @@ impl Executor {
             bytes_freed: None,
             time_to_reclaim: None,
             pod: job.pod.clone(),
+            ledger_error: None,
         };
         let refusal = policy::screen(
             &a.holder,
@@ -393,6 +403,7 @@ impl Executor {
         // Invariant 3: nothing happens that the ledger does not hold first.
         let Some(ledger_id) = self.record(&decision(a, &job.cgroup, Action::Reclaim, reason))
         else {
+            self.breaker.refund();
             done.outcome = Outcome::Failed;
             return done;
         };

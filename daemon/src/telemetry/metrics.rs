@@ -81,6 +81,7 @@ pub struct Metrics {
     spans_exported: Counter<u64>,
     spans_dropped: Counter<u64>,
     probe_mode: Gauge<u64>,
+    ledger_errors: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,6 +207,10 @@ impl Metrics {
                 "reclaimd_probe_mode",
                 "1 for the event source in use: ebpf, or degraded proc-connector / proc-sweep",
             ),
+            ledger_errors: counter(
+                "reclaimd_ledger_errors",
+                "Decisions the ledger could not record (nothing was done; retried)",
+            ),
             provider,
             registry,
         };
@@ -213,6 +218,7 @@ impl Metrics {
         // rates over them show 0 instead of no data.
         me.dropped.add(0, &[]);
         me.nvml_errors.add(0, &[]);
+        me.ledger_errors.add(0, &[]);
         Ok(me)
     }
 
@@ -239,6 +245,10 @@ impl Metrics {
             self.probe_mode
                 .record(u64::from(m == mode), &[KeyValue::new("mode", m)]);
         }
+    }
+
+    pub fn ledger_error(&self) {
+        self.ledger_errors.add(1, &[]);
     }
 
     pub fn dropped(&self, n: u64) {
