@@ -127,7 +127,14 @@ fn take_snapshot(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Snaps
     let t0 = std::time::Instant::now();
     let inventory = gpu.snapshot();
     let took = t0.elapsed();
-    let table = scan::tcp_sockets(&proc_root);
+    let table = scan::tcp_sockets_seen_by(
+        &proc_root,
+        inventory
+            .holders
+            .values()
+            .filter(|h| h.status == HolderStatus::Live)
+            .map(|h| h.pid),
+    );
     let conns = inventory
         .holders
         .values()

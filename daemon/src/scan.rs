@@ -86,6 +86,28 @@ pub fn tcp_sockets(proc_root: &Path) -> HashMap<u64, TcpSocket> {
     out
 }
 
+/// Every TCP socket of the daemon's network namespace and of each namespace one of `pids`
+/// lives in (a pod has its own, and its sockets are only in its own table), by inode; each
+/// namespace is read once.
+pub fn tcp_sockets_seen_by(
+    proc_root: &Path,
+    pids: impl IntoIterator<Item = u32>,
+) -> HashMap<u64, TcpSocket> {
+    let netns = |dir: &Path| std::fs::read_link(dir.join("ns/net")).ok();
+    let mut out = tcp_sockets(proc_root);
+    let mut seen: std::collections::HashSet<PathBuf> =
+        netns(&proc_root.join("self")).into_iter().collect();
+    for pid in pids {
+        let dir = proc_root.join(pid.to_string());
+        if let Some(ns) = netns(&dir)
+            && seen.insert(ns)
+        {
+            out.extend(tcp_sockets(&dir));
+        }
+    }
+    out
+}
+
 /// `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
 fn parse_tcp_line(line: &str, v6: bool) -> Option<(u64, TcpSocket)> {
     let f: Vec<&str> = line.split_whitespace().collect();
@@ -181,6 +203,43 @@ mod tests {
             remote: listener.local_addr().unwrap(),
         };
         assert!(conns.contains(&want), "{want:?} not in {conns:?}");
+    }
+
+    #[test]
+    fn sees_connections_in_another_network_namespace_through_a_process_there() {
+        let mut child = std::process::Command::new("unshare")
+            .args(["--net", "sh", "-c"])
+            .arg(
+                "ip link set lo up && exec python3 -c 'import socket,sys; \
+                 l=socket.socket(); l.bind((\"127.0.0.1\",0)); l.listen(); \
+                 c=socket.create_connection(l.getsockname()); s,_=l.accept(); \
+                 print(l.getsockname()[1], flush=True); sys.stdin.read()'",
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line.trim().parse().expect("port");
+        let proc_root = Path::new("/proc");
+        let inside = connections_of(
+            proc_root,
+            child.id(),
+            &tcp_sockets_seen_by(proc_root, [child.id()]),
+        );
+        let only_ours = connections_of(proc_root, child.id(), &tcp_sockets(proc_root));
+        drop(child.stdin.take());
+        let _ = child.wait();
+        assert!(
+            inside.iter().any(|k| k.remote.port() == port),
+            "{inside:?}"
+        );
+        assert!(only_ours.is_empty(), "{only_ours:?}");
     }
 
     #[test]

@@ -679,6 +679,30 @@ pub fn reclaimctl_json(gpu: &FakeGpu, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
+/// Waits until the daemon of `gpu`'s config lists every one of `pids` as a holder bound to a
+/// service (and so has remembered its lineage in the ledger).
+pub fn wait_until_bound(gpu: &FakeGpu, pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = reclaimctl_json(gpu, &["holders"]);
+        let bound = |pid: u32| {
+            listed["holders"].as_array().is_some_and(|hs| {
+                hs.iter().any(|h| {
+                    h["pid"] == pid && h["service"].as_str().is_some_and(|s| !s.is_empty())
+                })
+            })
+        };
+        if pids.iter().all(|p| bound(*p)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never all bound: {pids:?} in {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The pid of the next worker a conn-server reports.
 pub fn next_worker(server: &Workload) -> u32 {
     server
@@ -853,7 +877,7 @@ pub fn daemon_after_a_reclaim_with(
         &[],
     );
     gpu.set_state(&format!("{device}\nproc 0 {worker} 1024 compute\n"));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(gpu, &[worker]);
     kill(server.pid());
     let r = wait_for_record(&d.ledger, worker, PROMETHEUS_WAIT);
     assert_eq!(r.outcome, reclaimd::ledger::Outcome::Reclaimed, "{r:#?}");

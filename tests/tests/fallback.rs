@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
     Daemon, FakeGpu, TwoConnections, alive, free_port, kill, reclaimctl_bin, reclaimctl_json,
-    spawn_server, wait_for_record,
+    spawn_server, wait_for_record, wait_until_bound,
 };
 use serde_json::Value;
 
@@ -45,7 +45,7 @@ fn reclaim_one(gpu: &FakeGpu, ledger: &std::path::Path) -> reclaimd::ledger::Rec
     let device = gpu.device_file(0);
     let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 512 compute\n"));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(gpu, &[worker]);
     kill(server.pid());
     let r = wait_for_record(ledger, worker, WAIT);
     let _ = server.finish();

@@ -10,7 +10,7 @@ use std::{
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
     Daemon, FakeGpu, Workload, alive, kill, ledger_records, reclaimctl_json, spawn_server,
-    wait_for_record,
+    wait_for_record, wait_until_bound,
 };
 
 const DEVICE: &str = "device 0 GPU-faults 81920 Fake H100";
@@ -53,7 +53,8 @@ fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
     }
     gpu.set_state(&state);
     // Seen, bound and remembered (lineage in the ledger) before anything dies.
-    std::thread::sleep(Duration::from_millis(800));
+    let workers: Vec<u32> = services.iter().map(|(_, w)| *w).collect();
+    wait_until_bound(&gpu, &workers);
     for (s, _) in &services {
         kill(s.pid());
     }
@@ -65,7 +66,6 @@ fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
     });
     let (config, ledger) = (d.config.clone(), d.ledger.clone());
     d.kill9();
-    let workers: Vec<u32> = services.iter().map(|(_, w)| *w).collect();
     let dead_at_crash: Vec<u32> = workers.iter().copied().filter(|w| !alive(*w)).collect();
     let before = ledger_records(&ledger);
     assert!(

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
     Daemon, FakeGpu, TwoConnections, Workload, alive, free_port, kill, ledger_records,
-    reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record,
+    reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record, wait_until_bound,
 };
 
 fn workload() -> String {
@@ -34,9 +34,9 @@ fn start_service(gpu: &FakeGpu, name: &str, mib: u64, extra: &[&str]) -> Service
     Service { server, worker }
 }
 
-/// Kills the server of `s` once a sweep has seen its holder; the worker's settled record.
-fn kill_server_and_wait(d: &Daemon, s: &Service) -> reclaimd::ledger::Record {
-    std::thread::sleep(Duration::from_millis(300));
+/// Kills the server of `s` once the daemon has bound its worker; the worker's settled record.
+fn kill_server_and_wait(gpu: &FakeGpu, d: &Daemon, s: &Service) -> reclaimd::ledger::Record {
+    wait_until_bound(gpu, &[s.worker]);
     kill(s.server.pid());
     wait_for_record(&d.ledger, s.worker, WAIT)
 }
@@ -58,7 +58,7 @@ fn enforce_reclaims_the_worker_of_a_killed_server() {
     let gpu = FakeGpu::new(DEVICE);
     let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
     let s = start_service(&gpu, "llm-server", 2048, &[]);
-    let r = kill_server_and_wait(&d, &s);
+    let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert!(!alive(s.worker));
     let res = r.resolution.as_ref().unwrap();
@@ -87,7 +87,7 @@ fn report_mode_records_and_signals_nothing() {
     // Report is the default: no mode line at all.
     let d = Daemon::start(&gpu, "grace = \"0s\"", LLM);
     let s = start_service(&gpu, "llm-server", 512, &[]);
-    let r = kill_server_and_wait(&d, &s);
+    let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Skipped);
     assert_eq!(r.decision.action, Action::Skip);
     assert_eq!(r.decision.reason, "report mode");
@@ -144,7 +144,7 @@ fn a_worker_ignoring_sigterm_gets_sigkill() {
         LLM,
     );
     let s = start_service(&gpu, "llm-server", 256, &["ignore-term"]);
-    let r = kill_server_and_wait(&d, &s);
+    let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     let detail = &r.resolution.unwrap().detail;
     assert!(detail.contains("SIGKILL"), "{detail}");
@@ -199,7 +199,7 @@ fn outsiders_and_protected_holders_are_never_signalled() {
         s.worker,
         outsider.pid()
     ));
-    let r = kill_server_and_wait(&d, &s);
+    let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Skipped);
     assert_eq!(r.decision.reason, "protected (gpu-worker)");
     std::thread::sleep(Duration::from_millis(800));
@@ -368,13 +368,13 @@ fn after_a_restart_orphans_are_found_again_and_the_ledger_is_kept() {
     let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
     // A first reclaim, so the ledger has a record before the crash.
     let first = start_service(&gpu, "llm-server", 64, &[]);
-    let r = kill_server_and_wait(&d, &first);
+    let r = kill_server_and_wait(&gpu, &d, &first);
     assert_eq!(r.outcome, Outcome::Reclaimed);
     let _ = first.server.finish();
 
     // A second service is seen (and its lineage remembered), then the daemon dies.
     let s = start_service(&gpu, "llm-server", 128, &[]);
-    std::thread::sleep(Duration::from_millis(600));
+    wait_until_bound(&gpu, &[s.worker]);
     let (config, ledger) = (d.config.clone(), d.ledger.clone());
     d.kill9();
     // While reclaimd is down, the server dies: its worker is reparented.

@@ -6,6 +6,7 @@ use std::{
 
 use reclaimd_tests::{
     Daemon, FakeGpu, kill, reclaimctl_bin, reclaimctl_json, spawn_server, wait_for_record,
+    wait_until_bound,
 };
 use serde_json::Value;
 
@@ -37,7 +38,7 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
     let device = gpu.device_file(0);
     let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 512 compute\n"));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(&gpu, &[worker]);
     kill(server.pid());
     wait_for_record(&ledger, worker, Duration::from_secs(20));
 
