@@ -61,7 +61,9 @@ const MIGRATIONS: &[&str] = &[
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const DEFAULT_QUERY_LIMIT: u32 = 100;
-const MAX_QUERY_LIMIT: u32 = 1000;
+/// One more than the API's largest page: it asks for a row beyond the page to know that a
+/// next page exists.
+pub const MAX_QUERY_LIMIT: u32 = 1001;
 
 const RECORD_COLUMNS: &str = "id, time_ms, service, session_kind, session_key, death_cause, \
     death_time_ms, pid, start_time, comm, cgroup, gpu_uuid, bytes, action, reason, outcome, \
@@ -244,7 +246,7 @@ pub struct Record {
 /// Filters for [`Ledger::query`]; all optional. Times filter on the decision time, as the
 /// half-open range `[since_ms, until_ms)` so adjacent windows neither overlap nor leave gaps.
 /// Results come newest first (by id); `before_id` is the paging cursor (rows with
-/// `id < before_id`); `limit` defaults to 100 and is capped at 1000.
+/// `id < before_id`); `limit` defaults to 100 and is capped at [`MAX_QUERY_LIMIT`].
 #[derive(Debug, Clone, Default)]
 pub struct Query {
     pub since_ms: Option<i64>,
@@ -916,7 +918,7 @@ mod tests {
         }
         assert_eq!(paged, newest_first);
 
-        // Limit 0 means none; the cap is 1000.
+        // Limit 0 means none; the cap is MAX_QUERY_LIMIT.
         assert!(
             ids_of(Query {
                 limit: Some(0),
@@ -936,7 +938,7 @@ mod tests {
                 ..Query::default()
             })
             .len(),
-            1_000
+            MAX_QUERY_LIMIT as usize
         );
     }
 

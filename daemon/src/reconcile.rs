@@ -74,7 +74,7 @@ pub fn orphaned_bytes(assessments: &[Assessment], uuid: &str) -> u64 {
         .flat_map(|a| a.holder.memory.iter())
         .filter(|m| m.device_uuid == uuid)
         .filter_map(|m| m.bytes)
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 /// Grace under memory pressure: halved above `soft`, none above `hard`.

@@ -235,10 +235,7 @@ mod tests {
         let only_ours = connections_of(proc_root, child.id(), &tcp_sockets(proc_root));
         drop(child.stdin.take());
         let _ = child.wait();
-        assert!(
-            inside.iter().any(|k| k.remote.port() == port),
-            "{inside:?}"
-        );
+        assert!(inside.iter().any(|k| k.remote.port() == port), "{inside:?}");
         assert!(only_ours.is_empty(), "{only_ours:?}");
     }
 

@@ -54,6 +54,35 @@ pub fn workload_bin(built_at: &str) -> String {
     std::env::var("WORKLOAD_BIN").unwrap_or_else(|_| built_at.to_owned())
 }
 
+/// The workload binary beside the running binary (the bench and the soak, built together).
+pub fn workload_beside_exe() -> String {
+    let exe = std::env::current_exe().expect("current_exe");
+    workload_bin(exe.with_file_name("workload").to_str().expect("utf-8 path"))
+}
+
+/// `FLAG N` among a binary's arguments, else `default`.
+pub fn flag_or<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{flag} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// A numeric field of `/proc/PID/status` (`VmRSS:` in KiB, `Threads:`…); 0 when unreadable.
+pub fn status_field(pid: u32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Whether an NVIDIA driver is loaded on this machine.
 pub fn nvidia_driver_present() -> bool {
     std::path::Path::new("/proc/driver/nvidia/version").exists()

@@ -54,21 +54,60 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u64>,
     },
-    /// Build (release), then measure as root: time-to-reclaim over many end-to-end runs and
-    /// the daemon's memory with many live sessions. Report under target/bench/.
+    /// Build (release), then measure as root, side by side with peer tools (a polling
+    /// reaper, libbpf-tools exitsnoop and tcplife, wrk): time-to-reclaim, exit and
+    /// socket-close detection, overhead on a served workload, CPU, memory and drops.
+    /// Report (Markdown) and raw samples (CSV) under target/bench/.
     Bench {
-        /// End-to-end reclaims to time.
-        #[arg(long, default_value_t = 300)]
-        runs: usize,
-        /// Live sessions (connections, then processes) for the memory measurement.
-        #[arg(long, default_value_t = 10_000)]
-        sessions: usize,
+        /// End-to-end reclaims to time (default 300; 20 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Runs of the polling reaper, about 1 s each (default 30; 5 with --quick).
+        #[arg(long)]
+        peer_runs: Option<usize>,
+        /// Live sessions (connections, then processes) for the memory measurement
+        /// (default 10000; 1000 with --quick).
+        #[arg(long)]
+        sessions: Option<usize>,
+        /// Connection sessions churned for the memory-after-churn measurement
+        /// (default 1000000; 20000 with --quick).
+        #[arg(long)]
+        cycles: Option<usize>,
+        /// A short smoke version of every measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Measure reclaimd only, no peer tools.
+        #[arg(long)]
+        skip_peers: bool,
+    },
+    /// Build (release), then soak as root: churn of process and connection sessions with
+    /// reclaims (enforce, grace 0) beside holders that must never be touched; samples the
+    /// daemon's RSS, open fds and threads every 30 s. Fails on any wrong kill, any orphan
+    /// left, or growth of RSS or fds. Report and samples under target/soak/.
+    Soak {
+        /// How long to churn.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Process sessions and connection sessions started (and ended) per second, each.
+        #[arg(long, default_value_t = 2)]
+        rate: u64,
     },
 }
 
-/// Debian packages the build and tests need: a C toolchain (linking, -sys crates) and a
-/// real Prometheus for the metrics tests.
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "libc6-dev", "prometheus"];
+/// Debian packages the build and tests need: a C toolchain (linking, -sys crates), a real
+/// Prometheus for the metrics tests, systemd for `systemd-analyze` (the unit's offline
+/// checks), util-linux (unshare, setpriv) and iproute2 for the network-namespace tests.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "gcc",
+    "libc6-dev",
+    "prometheus",
+    "systemd",
+    "util-linux",
+    "iproute2",
+];
+/// The Debian packages only `cargo xtask bench` needs, the peers it compares with:
+/// exitsnoop and tcplife (libbpf-tools), and wrk for the served-workload overhead.
+const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "wrk"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> Result<()> {
@@ -98,20 +137,54 @@ fn main() -> Result<()> {
             setup(&root)?;
             lint(&root)
         }
+        Cmd::Soak { minutes, rate } => {
+            setup(&root)?;
+            build(&root, true)?;
+            step("soak");
+            run_cmd(
+                as_root(&root.join("target/release/soak"))
+                    .args(["--minutes", &minutes.to_string()])
+                    .args(["--rate", &rate.to_string()])
+                    .args(["--out".as_ref(), root.join("target/soak").as_os_str()])
+                    .env("FAKE_NVML_LIB", root.join("target/release/libnvidia_ml.so")),
+            )
+        }
         Cmd::Demo { seconds } => {
             setup(&root)?;
             build(&root, false)?;
             demo(&root, seconds)
         }
-        Cmd::Bench { runs, sessions } => {
+        Cmd::Bench {
+            runs,
+            peer_runs,
+            sessions,
+            cycles,
+            quick,
+            skip_peers,
+        } => {
             setup(&root)?;
+            bench_packages()?;
             build(&root, true)?;
             step("bench");
+            let mut c = as_root(&root.join("target/release/bench"));
+            for (flag, value) in [
+                ("--runs", runs),
+                ("--peer-runs", peer_runs),
+                ("--sessions", sessions),
+                ("--cycles", cycles),
+            ] {
+                if let Some(v) = value {
+                    c.args([flag, &v.to_string()]);
+                }
+            }
+            if quick {
+                c.arg("--quick");
+            }
+            if skip_peers {
+                c.arg("--skip-peers");
+            }
             run_cmd(
-                as_root(&root.join("target/release/bench"))
-                    .args(["--runs", &runs.to_string()])
-                    .args(["--sessions", &sessions.to_string()])
-                    .args(["--out".as_ref(), root.join("target/bench").as_os_str()])
+                c.args(["--out".as_ref(), root.join("target/bench").as_os_str()])
                     .env("FAKE_NVML_LIB", root.join("target/release/libnvidia_ml.so")),
             )
         }
@@ -314,8 +387,17 @@ fn bpf_linker(root: &Path) -> Result<()> {
     )
 }
 
+fn bench_packages() -> Result<()> {
+    apt_install(BENCH_PACKAGES)
+}
+
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    apt_install(DEBIAN_PACKAGES)
+}
+
+/// `apt-get install` of those of `packages` not installed yet (nothing when all are).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

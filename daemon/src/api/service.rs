@@ -48,7 +48,7 @@ pub struct ReclaimdService {
     pub access: Access,
 }
 
-const MAX_PAGE: u32 = 1000;
+const MAX_PAGE: u32 = crate::ledger::MAX_QUERY_LIMIT - 1;
 
 fn daemon_gone() -> Status {
     Status::unavailable("reclaimd is shutting down")

@@ -268,7 +268,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
             ))?;
             for h in &r.holders {
-                let known: u64 = h.memory.iter().filter_map(|m| m.bytes).sum();
+                let known = h
+                    .memory
+                    .iter()
+                    .filter_map(|m| m.bytes)
+                    .fold(0, u64::saturating_add);
                 let unknown = h.memory.iter().any(|m| m.bytes.is_none());
                 let mem = match (h.memory.is_empty(), unknown) {
                     (true, _) => "-".to_owned(),

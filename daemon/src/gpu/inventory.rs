@@ -107,7 +107,11 @@ impl Holder {
 
     /// Known bytes over all devices.
     pub fn known_bytes(&self) -> u64 {
-        self.memory.iter().filter_map(|m| m.bytes).sum()
+        // Saturating: a broken driver may report absurd sizes.
+        self.memory
+            .iter()
+            .filter_map(|m| m.bytes)
+            .fold(0, u64::saturating_add)
     }
 
     /// Whether some of its memory is of unknown size.

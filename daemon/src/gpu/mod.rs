@@ -103,7 +103,10 @@ pub fn join(
     let mut holders: BTreeMap<u32, Holder> = BTreeMap::new();
     let mut out_devices = Vec::with_capacity(devices.len());
     for (mut device, procs) in devices {
-        device.attributed_bytes = procs.iter().filter_map(|p| p.bytes).sum();
+        device.attributed_bytes = procs
+            .iter()
+            .filter_map(|p| p.bytes)
+            .fold(0u64, u64::saturating_add);
         device.unattributed_bytes = device.used_bytes.saturating_sub(device.attributed_bytes);
         for p in procs {
             let holder = holders
@@ -124,15 +127,21 @@ pub fn join(
         .filter_map(|d| d.parent_uuid.clone())
         .collect();
     for i in 0..out_devices.len() {
-        if !parents.contains(&out_devices[i].uuid) {
+        // Only a physical device is a parent, even where a (broken) driver repeats its UUID
+        // on an instance.
+        if out_devices[i].parent_uuid.is_some() || !parents.contains(&out_devices[i].uuid) {
             continue;
         }
         let uuid = out_devices[i].uuid.clone();
         let (attributed, used) = out_devices
             .iter()
-            .filter(|d| d.parent_uuid.as_deref() == Some(uuid.as_str()))
-            .fold((0, 0), |(a, u), d| {
-                (a + d.attributed_bytes, u + d.used_bytes)
+            .enumerate()
+            .filter(|(j, d)| *j != i && d.parent_uuid.as_deref() == Some(uuid.as_str()))
+            .fold((0u64, 0u64), |(a, u), (_, d)| {
+                (
+                    a.saturating_add(d.attributed_bytes),
+                    u.saturating_add(d.used_bytes),
+                )
             });
         let parent = &mut out_devices[i];
         parent.attributed_bytes = attributed;

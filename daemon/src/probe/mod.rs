@@ -20,7 +20,8 @@ use tokio::io::unix::AsyncFd;
 
 pub use self::{
     btf::{Btf, BtfError},
-    connector::ProcConnector,
+    // The proc connector's datagram decoder, public so tests can feed it arbitrary bytes.
+    connector::{ProcConnector, decode as decode_proc_connector},
     error::ProbeError,
     source::{EventSource, Opened},
 };

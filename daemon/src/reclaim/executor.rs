@@ -201,7 +201,7 @@ fn used_of(inv: &Inventory, uuids: &[String]) -> Option<u64> {
             .iter()
             .filter(|d| uuids.contains(&d.uuid))
             .map(|d| d.used_bytes)
-            .sum(),
+            .fold(0, u64::saturating_add),
     )
 }
 

@@ -96,7 +96,7 @@ impl Device {
             mig_of,
             uuid: uuid.to_owned(),
             name,
-            total: mib * MIB,
+            total: mib.saturating_mul(MIB),
             unattributed: 0,
             unattributed_while: Vec::new(),
             garbage_v3: false,
@@ -204,7 +204,7 @@ fn parse(text: &str) -> State {
                 };
                 let used = match *used {
                     "na" => Some(None),
-                    n => n.parse::<u64>().ok().map(|m| Some(m * MIB)),
+                    n => n.parse::<u64>().ok().map(|m| Some(m.saturating_mul(MIB))),
                 };
                 match (device_key(device), pid.parse(), used, kind) {
                     (Some(device), Ok(pid), Some(used), Some(kind)) => st.procs.push(Proc {
@@ -218,7 +218,7 @@ fn parse(text: &str) -> State {
             }
             ["unattributed", device, mib] => match (device_key(device), mib.parse::<u64>()) {
                 (Some(d), Ok(m)) => match st.devices.iter_mut().find(|x| x.index == d) {
-                    Some(dev) => dev.unattributed = m * MIB,
+                    Some(dev) => dev.unattributed = m.saturating_mul(MIB),
                     None => bad(),
                 },
                 _ => bad(),
@@ -226,7 +226,7 @@ fn parse(text: &str) -> State {
             ["unattributed", device, mib, "while", pid] => {
                 match (device_key(device), mib.parse::<u64>(), pid.parse::<u32>()) {
                     (Some(d), Ok(m), Ok(p)) => match st.devices.iter_mut().find(|x| x.index == d) {
-                        Some(dev) => dev.unattributed_while.push((m * MIB, p)),
+                        Some(dev) => dev.unattributed_while.push((m.saturating_mul(MIB), p)),
                         None => bad(),
                     },
                     _ => bad(),
@@ -299,20 +299,29 @@ impl State {
             .collect()
     }
 
+    /// Saturating: test states may name absurd sizes, and a panic here would abort the
+    /// process that loaded the library.
     fn used(&self, d: &Device) -> u64 {
-        let procs: u64 = self
+        let procs = self
             .live_procs(d.index, None)
             .iter()
             .filter_map(|p| p.used)
-            .sum();
-        let held: u64 = d
+            .fold(0u64, u64::saturating_add);
+        let held = d
             .unattributed_while
             .iter()
             .filter(|(_, pid)| alive(*pid))
-            .map(|(m, _)| m)
-            .sum();
-        let instances: u64 = self.instances(d.index).map(|m| self.used(m)).sum();
-        (procs + d.unattributed + held + instances).min(d.total)
+            .map(|(m, _)| *m)
+            .fold(0u64, u64::saturating_add);
+        let instances = self
+            .instances(d.index)
+            .map(|m| self.used(m))
+            .fold(0u64, u64::saturating_add);
+        procs
+            .saturating_add(d.unattributed)
+            .saturating_add(held)
+            .saturating_add(instances)
+            .min(d.total)
     }
 
     fn instances(&self, gpu: u32) -> impl Iterator<Item = &Device> {

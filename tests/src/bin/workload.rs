@@ -467,6 +467,277 @@ fn main() {
             say(&format!("holding {mib}"));
             wait_for_stdin();
         }
+        // exit-gen RATE SECONDS LIFE_MS: forks children (comm "exitgen") at RATE per second
+        // for SECONDS; each lives LIFE_MS, then writes "PID MONO_NS" (CLOCK_MONOTONIC just
+        // before it exits) to stdout in one write, and exits. Ends with "done FORKS NS" (the
+        // forks made and the time the fork loop took) once every child is gone.
+        "exit-gen" => {
+            let rate: f64 = arg(&args, 2, "rate").parse().expect("rate");
+            let secs: f64 = arg(&args, 3, "seconds").parse().expect("seconds");
+            let life: u64 = arg(&args, 4, "life ms").parse().expect("life ms");
+            bench::exit_gen(rate, secs, Duration::from_millis(life));
+        }
+        // poll-reaper NVML_LIB SERVICE_COMM INTERVAL_MS: the usual cron-and-nvidia-smi
+        // reaper, as a loop. Every INTERVAL_MS: list NVML's compute processes; SIGKILL each
+        // whose parent is gone (re-parented) or is not SERVICE_COMM; then poll NVML until it
+        // no longer lists them, and print "reclaimed PID MONO_NS". Until stdin closes.
+        "poll-reaper" => {
+            let lib = arg(&args, 2, "NVML library");
+            let comm = arg(&args, 3, "service comm");
+            let every: u64 = arg(&args, 4, "interval ms").parse().expect("interval ms");
+            bench::poll_reaper(&lib, &comm, Duration::from_millis(every));
+        }
+        // http NAME ADDR: a minimal HTTP/1.1 responder named NAME (keep-alive, a thread per
+        // connection, "ok" to every request); prints "listening ADDR". Until stdin closes.
+        "http" => {
+            let name = arg(&args, 2, "name");
+            let addr: SocketAddr = arg(&args, 3, "address").parse().expect("address");
+            set_comm(&name);
+            bench::http(addr);
+        }
+        // sink NAME ADDR: a service named NAME that accepts connections and closes each at
+        // once; prints "listening ADDR". Until stdin closes.
+        "sink" => {
+            let name = arg(&args, 2, "name");
+            let addr: SocketAddr = arg(&args, 3, "address").parse().expect("address");
+            set_comm(&name);
+            bench::sink(addr);
+        }
+        // churn ADDR RATE SECONDS: connects to ADDR at RATE per second for SECONDS; each
+        // connection waits for the server's close, then closes and prints "PORT MONO_NS"
+        // (its local port, CLOCK_MONOTONIC after the close). Ends with "done N NS".
+        "churn" => {
+            let addr: SocketAddr = arg(&args, 2, "address").parse().expect("address");
+            let rate: f64 = arg(&args, 3, "rate").parse().expect("rate");
+            let secs: f64 = arg(&args, 4, "seconds").parse().expect("seconds");
+            bench::churn(addr, rate, secs);
+        }
         other => panic!("unknown subcommand {other}"),
+    }
+}
+
+/// The helpers of `cargo xtask bench`: load generators and the peers it compares with.
+mod bench {
+    use std::{
+        ffi::OsStr,
+        io::{BufWriter, Read, Write},
+        net::{SocketAddr, TcpListener, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use super::{say, set_comm, wait_for_stdin};
+
+    fn mono_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// Calls `one` `rate * secs` times, spread evenly from now on (catching up flat out
+    /// when behind); returns the count and the time it took.
+    fn pace(rate: f64, secs: f64, mut one: impl FnMut()) -> (u64, Duration) {
+        let total = (rate * secs).round() as u64;
+        let start = Instant::now();
+        let mut n = 0;
+        while n < total {
+            let elapsed = start.elapsed().as_secs_f64();
+            let due = ((elapsed * rate) as u64 + 1).min(total);
+            if n < due {
+                while n < due {
+                    one();
+                    n += 1;
+                }
+            } else {
+                let ahead = n as f64 / rate - elapsed;
+                std::thread::sleep(Duration::from_secs_f64(ahead.clamp(0.0, 0.001)));
+            }
+        }
+        (n, start.elapsed())
+    }
+
+    pub fn exit_gen(rate: f64, secs: f64, life: Duration) {
+        set_comm("exitgen");
+        // Children are reaped by the kernel: no zombies, however fast they come.
+        // SAFETY: ignoring SIGCHLD is always sound.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+        let (n, took) = pace(rate, secs, || {
+            loop {
+                // SAFETY: single-threaded; the child sleeps, writes one line and exits.
+                match unsafe { libc::fork() } {
+                    0 => child(life),
+                    p if p > 0 => return,
+                    // EAGAIN: too many processes for now.
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        // With SIGCHLD ignored, wait returns only once every child is gone.
+        // SAFETY: a null status pointer is allowed.
+        while unsafe { libc::wait(std::ptr::null_mut()) } > 0
+            || std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+        say(&format!("done {n} {}", took.as_nanos()));
+    }
+
+    fn child(life: Duration) -> ! {
+        if !life.is_zero() {
+            std::thread::sleep(life);
+        }
+        let line = format!("{} {}\n", std::process::id(), mono_ns());
+        // SAFETY: one write of a buffer we own (atomic on a pipe below PIPE_BUF), then an
+        // exit without the parent's handlers.
+        unsafe {
+            libc::write(1, line.as_ptr().cast(), line.len());
+            libc::_exit(0)
+        }
+    }
+
+    fn compute_pids(dev: &nvml_wrapper::Device) -> Option<Vec<u32>> {
+        dev.running_compute_processes()
+            .or_else(|_| dev.running_compute_processes_v2())
+            .ok()
+            .map(|v| v.into_iter().map(|p| p.pid).collect())
+    }
+
+    /// The reaper's test: the holder's parent is init, or not the service any more.
+    fn orphaned(pid: u32, service_comm: &str) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        ppid == 1
+            || std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+                .map(|c| c.trim() != service_comm)
+                .unwrap_or(true)
+    }
+
+    pub fn poll_reaper(lib: &str, service_comm: &str, every: Duration) {
+        let nvml = nvml_wrapper::Nvml::builder()
+            .lib_path(OsStr::new(lib))
+            .init()
+            .expect("NVML init");
+        std::thread::spawn(|| {
+            wait_for_stdin();
+            std::process::exit(0);
+        });
+        say("ready");
+        loop {
+            let tick = Instant::now();
+            let mut killed = Vec::new();
+            for i in 0..nvml.device_count().unwrap_or(0) {
+                let Ok(dev) = nvml.device_by_index(i) else {
+                    continue;
+                };
+                for pid in compute_pids(&dev).unwrap_or_default() {
+                    if orphaned(pid, service_comm) {
+                        // SAFETY: kill has no memory arguments.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        killed.push((i, pid));
+                    }
+                }
+            }
+            for (i, pid) in killed {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let listed = nvml
+                        .device_by_index(i)
+                        .ok()
+                        .and_then(|d| compute_pids(&d))
+                        .is_some_and(|p| p.contains(&pid));
+                    if !listed {
+                        say(&format!("reclaimed {pid} {}", mono_ns()));
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        say(&format!("stuck {pid}"));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            std::thread::sleep(every.saturating_sub(tick.elapsed()));
+        }
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
+
+    pub fn http(addr: SocketAddr) {
+        let listener = TcpListener::bind(addr).expect("bind");
+        say(&format!(
+            "listening {}",
+            listener.local_addr().expect("addr")
+        ));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || serve_http(conn));
+            }
+        });
+        wait_for_stdin();
+    }
+
+    fn serve_http(mut conn: TcpStream) {
+        let _ = conn.set_nodelay(true);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut have = 0;
+        loop {
+            match conn.read(&mut buf[have..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => have += n,
+            }
+            let mut start = 0;
+            while let Some(end) = buf[start..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[start..start + end]).to_lowercase();
+                if conn.write_all(OK).is_err() || head.contains("connection: close") {
+                    return;
+                }
+                start += end + 4;
+            }
+            buf.copy_within(start..have, 0);
+            have -= start;
+            if have == buf.len() {
+                return; // a request head larger than the buffer
+            }
+        }
+    }
+
+    pub fn sink(addr: SocketAddr) {
+        let listener = TcpListener::bind(addr).expect("bind");
+        say(&format!(
+            "listening {}",
+            listener.local_addr().expect("addr")
+        ));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        wait_for_stdin();
+    }
+
+    pub fn churn(addr: SocketAddr, rate: f64, secs: f64) {
+        let mut out = BufWriter::new(std::io::stdout().lock());
+        let mut failed = 0u64;
+        let (n, took) = pace(rate, secs, || match TcpStream::connect(addr) {
+            Ok(mut c) => {
+                let port = c.local_addr().map(|a| a.port()).unwrap_or(0);
+                let mut b = [0u8; 16];
+                while c.read(&mut b).is_ok_and(|n| n > 0) {}
+                drop(c);
+                let _ = writeln!(out, "{port} {}", mono_ns());
+            }
+            Err(_) => failed += 1,
+        });
+        let _ = writeln!(out, "done {n} {} {failed}", took.as_nanos());
+        let _ = out.flush();
     }
 }

@@ -1,0 +1,316 @@
+//! Connection churn: socket close → observer on a watched port (reclaimd vs tcplife), the
+//! daemon's CPU with churn on a watched and on an unwatched port, and its memory before and
+//! after many connection sessions came and went.
+use std::{collections::HashMap, time::Duration};
+
+use reclaimd_tests::{Daemon, FakeGpu, Workload};
+
+use crate::{
+    Opts,
+    core::{DEVICE, daemon},
+    report::{Report, Row, Stat, fmt, ratio},
+    util::{
+        Stamped, cpu_seconds, delta, histogram, mono_ns, pair, quantile, rss_kib, scrape, status,
+        which,
+    },
+};
+
+const LATENCY: &str = "reclaimd_kernel_event_latency_seconds";
+
+/// Each client port → the CLOCK_MONOTONIC after each close from it, in order (ports come
+/// back within a run); the rate achieved.
+struct Churned {
+    closes: HashMap<u16, Vec<u64>>,
+    count: usize,
+    made: u64,
+    failed: u64,
+    achieved: f64,
+}
+
+/// `rate` connections per second to `port` for `secs`, from `clients` processes.
+fn churn(port: u16, rate: f64, secs: f64, clients: usize) -> Churned {
+    let addr = format!("127.0.0.1:{port}");
+    let procs: Vec<Workload> = (0..clients)
+        .map(|_| {
+            Workload::spawn(
+                &crate::workload(),
+                &[
+                    "churn",
+                    &addr,
+                    &(rate / clients as f64).to_string(),
+                    &secs.to_string(),
+                ],
+            )
+        })
+        .collect();
+    let mut out = Churned {
+        closes: HashMap::new(),
+        count: 0,
+        made: 0,
+        failed: 0,
+        achieved: 0.0,
+    };
+    let mut took = 0u64;
+    for p in procs {
+        let (lines, _) = p.finish();
+        for l in lines {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["done", n, ns, failed] => {
+                    out.made += n.parse::<u64>().unwrap_or(0);
+                    out.failed += failed.parse::<u64>().unwrap_or(0);
+                    took = took.max(ns.parse().unwrap_or(0));
+                }
+                [port, ts] => {
+                    if let (Ok(p), Ok(t)) = (port.parse(), ts.parse()) {
+                        out.closes.entry(p).or_default().push(t);
+                        out.count += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.achieved = (out.made - out.failed) as f64 / (took as f64 / 1e9).max(1e-9);
+    out
+}
+
+fn sink(name: &str) -> (Workload, u16) {
+    let port = reclaimd_tests::free_port();
+    let w = Workload::spawn(
+        &crate::workload(),
+        &["sink", name, &format!("127.0.0.1:{port}")],
+    );
+    w.line("listening");
+    (w, port)
+}
+
+fn services(port: u16) -> String {
+    format!(
+        "[[service]]\nname = \"churn\"\nmatch = {{ comm = [\"churn-sink\"] }}\n\
+         ports = [{port}]\nscope = \"connection\"\n"
+    )
+}
+
+fn matched(c: &Churned, seen: &[(u16, u64)]) -> (Vec<f64>, usize) {
+    pair(&c.closes, seen)
+}
+
+pub fn run(opts: &Opts, rep: &mut Report) {
+    let secs = if opts.quick { 2.0 } else { 5.0 };
+    let (_watched_sink, watched) = sink("churn-sink");
+    let (_other_sink, unwatched) = sink("other-sink");
+    let gpu = FakeGpu::new(DEVICE);
+    let metrics_port = Daemon::metrics_port(&gpu);
+
+    rep.heading("Socket close → observer, under connection churn (watched port)");
+    rep.line(
+        "Clients (`workload churn`) connect to a server that closes each connection at once \
+         (`workload sink`, a `scope = \"connection\"` service on a watched port); the client \
+         reads the EOF, closes, and stamps CLOCK_MONOTONIC. The server's socket reaches \
+         CLOSE (via TIME_WAIT) when the client's FIN arrives. Definitions: `reclaimd trace \
+         --json --port P` and tcplife (`-L P`, `stdbuf -oL`): client's stamp → the bench \
+         reads the line for that connection's server socket (matched by the client's port; \
+         for reclaimd the `new_state: CLOSE` event); reclaimd probe: kernel stamp → user \
+         space, per event (every state change on the port); daemon: its \
+         `reclaimd_kernel_event_latency_seconds{kind=\"tcp\"}` histogram over the run \
+         (bucket-interpolated). Each observer alone on its own churn run.\n",
+    );
+    let tcplife = which(&["/usr/sbin/tcplife", "/usr/bin/tcplife"]);
+    let rates: &[f64] = if opts.quick {
+        &[1000.0, 5000.0]
+    } else {
+        &[1000.0, 5000.0, 20_000.0]
+    };
+    for &rate in rates {
+        rep.line(&format!("### Target {} connections/s\n", fmt(rate)));
+        let clients = if rate > 2000.0 { 2 } else { 1 };
+        let mut rows = Vec::new();
+
+        // reclaimd trace
+        let bin = reclaimd_tests::reclaimd_bin();
+        let mut t = Stamped::spawn(
+            bin.to_str().expect("utf-8"),
+            &["trace", "--json", "--port", &watched.to_string()],
+        );
+        t.wait_for("\"ready\"", Duration::from_secs(60));
+        let c = churn(watched, rate, secs, clients);
+        std::thread::sleep(Duration::from_millis(500));
+        let (lines, _) = t.stop(libc::SIGTERM);
+        let mut seen = Vec::new();
+        let mut kernel_us = Vec::new();
+        for (at, l) in &lines {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                continue;
+            };
+            if v["kind"] != "tcp" {
+                continue;
+            }
+            if let (Some(ts), Some(recv)) = (v["ts_ns"].as_u64(), v["recv_ns"].as_u64()) {
+                kernel_us.push(recv.saturating_sub(ts) as f64 / 1e3);
+            }
+            if v["new_state"] == "CLOSE"
+                && let Some(p) = v["dport"].as_u64()
+            {
+                seen.push((p as u16, *at));
+            }
+        }
+        let (lat, missed) = matched(&c, &seen);
+        let note = format!(
+            "{} connections at {}/s achieved; missed {missed}",
+            c.count,
+            fmt(c.achieved)
+        );
+        let ours = Stat::of(&lat);
+        rows.push(Row::new("reclaimd trace --json", ours, "µs", note.clone()));
+        rep.values(&format!("close_latency_us reclaimd-trace {rate}/s"), lat);
+        rows.push(Row::new(
+            "reclaimd probe: kernel stamp → user space (same run)",
+            Stat::of(&kernel_us),
+            "µs",
+            format!("{} tcp events", kernel_us.len()),
+        ));
+
+        // the daemon
+        let d = daemon(&gpu, "", &services(watched));
+        let before = histogram(&scrape(metrics_port), LATENCY, "tcp");
+        let (cpu0, t0) = (cpu_seconds(d.pid()), mono_ns());
+        let c = churn(watched, rate, secs, clients);
+        let (cpu1, t1) = (cpu_seconds(d.pid()), mono_ns());
+        std::thread::sleep(Duration::from_millis(500));
+        let h = delta(&histogram(&scrape(metrics_port), LATENCY, "tcp"), &before);
+        d.stop();
+        let q = |p: f64| {
+            quantile(&h, p)
+                .map(|(v, hi)| {
+                    if hi.is_infinite() {
+                        format!("> {} µs", fmt(v * 1e6))
+                    } else {
+                        format!("{} µs (≤ {} µs)", fmt(v * 1e6), fmt(hi * 1e6))
+                    }
+                })
+                .unwrap_or_else(|| "–".into())
+        };
+        rows.push(Row {
+            tool: "reclaimd daemon: kernel stamp → daemon (histogram)".into(),
+            median: q(0.5),
+            p99: q(0.99),
+            n: h.last().map(|b| b.1).unwrap_or(0).to_string(),
+            note: format!(
+                "{} connections at {}/s achieved; daemon CPU {:.1}%",
+                c.count,
+                fmt(c.achieved),
+                100.0 * (cpu1 - cpu0) / ((t1 - t0) as f64 / 1e9)
+            ),
+        });
+
+        // tcplife
+        if let (Some(bin), false) = (&tcplife, opts.skip_peers) {
+            let mut t = Stamped::spawn("stdbuf", &["-oL", bin, "-L", &watched.to_string()]);
+            t.wait_for("PID", Duration::from_secs(30));
+            let c = churn(watched, rate, secs, clients);
+            std::thread::sleep(Duration::from_millis(500));
+            let (lines, err) = t.stop(libc::SIGINT);
+            // PID COMM LADDR LPORT RADDR RPORT TX_KB RX_KB MS
+            let seen: Vec<(u16, u64)> = lines
+                .iter()
+                .filter_map(|(at, l)| Some((l.split_whitespace().nth(5)?.parse().ok()?, *at)))
+                .collect();
+            let (lat, missed) = matched(&c, &seen);
+            let lost: u64 = err
+                .lines()
+                .filter(|l| l.to_lowercase().contains("lost"))
+                .filter_map(|l| l.split_whitespace().find_map(|w| w.parse::<u64>().ok()))
+                .sum();
+            let theirs = Stat::of(&lat);
+            rows.push(Row::new(
+                "tcplife (libbpf-tools)",
+                theirs,
+                "µs",
+                format!(
+                    "{} connections at {}/s achieved; missed {missed}; lost (stderr) {lost}",
+                    c.count,
+                    fmt(c.achieved)
+                ),
+            ));
+            rep.values(&format!("close_latency_us tcplife {rate}/s"), lat);
+            rep.table(&rows);
+            if let (Some(a), Some(b)) = (theirs, ours) {
+                rep.line(&format!(
+                    "Ratio tcplife / reclaimd trace (same definition): median {}, p99 {}.\n",
+                    ratio(a.median, b.median),
+                    ratio(a.p99, b.p99)
+                ));
+            }
+        } else {
+            rep.table(&rows);
+        }
+    }
+
+    // CPU: unwatched vs watched port, same churn.
+    rep.heading("Daemon CPU under connection churn: unwatched vs watched port");
+    let cpu_rate = 50_000.0;
+    rep.line(&format!(
+        "The daemon watches port {watched} only. Two clients churn flat out (target {} \
+         connections/s) for {secs} s against a sink on an unwatched port, then on the \
+         watched one. CPU = the daemon's utime + stime delta (/proc/PID/stat) over the run's \
+         wall time (100% = one core).\n",
+        fmt(cpu_rate)
+    ));
+    rep.line("| port | connections/s achieved | connections | daemon CPU |\n|---|---|---|---|");
+    let d = daemon(&gpu, "", &services(watched));
+    let mut cpu = Vec::new();
+    for (label, port) in [("unwatched", unwatched), ("watched", watched)] {
+        let (cpu0, t0) = (cpu_seconds(d.pid()), mono_ns());
+        let c = churn(port, cpu_rate, secs, 2);
+        let (cpu1, t1) = (cpu_seconds(d.pid()), mono_ns());
+        let pct = 100.0 * (cpu1 - cpu0) / ((t1 - t0) as f64 / 1e9);
+        rep.line(&format!(
+            "| {label} | {} | {} | {pct:.1}% |",
+            fmt(c.achieved),
+            c.made - c.failed
+        ));
+        rep.value(&format!("daemon_cpu_pct churn {label}"), pct);
+        cpu.push(pct);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    rep.line("");
+
+    // Memory before and after many connection sessions.
+    rep.heading("Daemon memory across connection-session churn");
+    let (rss0, hwm0) = rss_kib(d.pid());
+    let (seen0, drop0) = status(&Daemon::api_socket(&gpu));
+    let t0 = mono_ns();
+    let c = churn(watched, 1e9, opts.cycles as f64 / 1e9, 2);
+    let took = (mono_ns() - t0) as f64 / 1e9;
+    std::thread::sleep(Duration::from_secs(6));
+    let (rss1, hwm1) = rss_kib(d.pid());
+    let (seen1, drop1) = status(&Daemon::api_socket(&gpu));
+    d.stop();
+    rep.line(&format!(
+        "{} connection sessions opened and closed on the watched port, flat out from two \
+         clients ({} s, {}/s); RSS after the next sweep. Events seen {}, dropped {}.\n",
+        c.made - c.failed,
+        fmt(took),
+        fmt(c.achieved),
+        seen1 - seen0,
+        drop1 - drop0
+    ));
+    rep.line("| when | RSS | peak RSS |\n|---|---|---|");
+    rep.line(&format!(
+        "| before | {:.1} MiB | {:.1} MiB |",
+        rss0 as f64 / 1024.0,
+        hwm0 as f64 / 1024.0
+    ));
+    rep.line(&format!(
+        "| after {} cycles | {:.1} MiB | {:.1} MiB |\n",
+        c.made - c.failed,
+        rss1 as f64 / 1024.0,
+        hwm1 as f64 / 1024.0
+    ));
+    rep.value("rss_kib before churn", rss0 as f64);
+    rep.value(
+        &format!("rss_kib after {} cycles", c.made - c.failed),
+        rss1 as f64,
+    );
+}

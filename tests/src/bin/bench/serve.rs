@@ -1,0 +1,128 @@
+//! Overhead on a served workload: a loopback HTTP server under wrk, daemon off and on.
+use std::{process::Command, time::Duration};
+
+use reclaimd_tests::{FakeGpu, Workload};
+
+use crate::{
+    Opts,
+    core::{DEVICE, daemon},
+    report::{Report, fmt, ratio},
+};
+
+/// wrk's requests/s and its p50/p99 latency (ms).
+fn wrk(url: &str, secs: u64, extra: &[&str]) -> Option<(f64, f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", "--latency", "-d"])
+        .arg(format!("{secs}s"))
+        .args(extra)
+        .arg(url)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(str::trim)
+            .and_then(|v| {
+                let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic())?);
+                let n: f64 = num.parse().ok()?;
+                Some(match unit {
+                    "us" => n / 1e3,
+                    "ms" => n,
+                    "s" => n * 1e3,
+                    _ => n,
+                })
+            })
+            .unwrap_or(f64::NAN)
+    };
+    Some((rps, pct("50%"), pct("99%")))
+}
+
+pub fn run(opts: &Opts, rep: &mut Report) {
+    let (rounds, secs) = if opts.quick { (1, 3) } else { (3, 10) };
+    rep.heading("Overhead on a served workload (HTTP under wrk)");
+    if Command::new("wrk").arg("--version").output().is_err() {
+        rep.line("wrk not found (apt-get install wrk): skipped.\n");
+        return;
+    }
+    let gpu = FakeGpu::new(DEVICE);
+    let port = reclaimd_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Workload::spawn(&crate::workload(), &["http", "api-http", &addr]);
+    server.line("listening");
+    let url = format!("http://{addr}/");
+    let services = format!(
+        "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-http\"] }}\n\
+         ports = [{port}]\nscope = \"connection\"\n"
+    );
+    let mut table = Vec::new();
+    for (label, extra) in [
+        ("keep-alive", &[][..]),
+        ("Connection: close", &["-H", "Connection: close"][..]),
+    ] {
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for _ in 0..rounds {
+            for daemon_on in [false, true] {
+                let d = daemon_on.then(|| daemon(&gpu, "", &services));
+                std::thread::sleep(Duration::from_millis(500));
+                let r = wrk(&url, secs, extra);
+                if let Some(d) = d {
+                    d.stop();
+                }
+                let Some(r) = r else {
+                    rep.line("wrk gave no result.\n");
+                    continue;
+                };
+                eprintln!(
+                    "bench: http {label} daemon {}: {:.0} req/s",
+                    if daemon_on { "on" } else { "off" },
+                    r.0
+                );
+                rep.value(
+                    &format!(
+                        "http_rps {label} daemon_{}",
+                        if daemon_on { "on" } else { "off" }
+                    ),
+                    r.0,
+                );
+                if daemon_on { &mut on } else { &mut off }.push(r);
+            }
+        }
+        table.push((label, off, on));
+    }
+    let _ = server.finish();
+    rep.line(&format!(
+        "A minimal HTTP/1.1 responder (`workload http`, a thread per connection) on loopback; \
+         `wrk -t2 -c32 -d{secs}s`, {rounds} alternation(s) daemon off / on (on: the server \
+         is a `scope = \"connection\"` service on its port, so its sockets pass the \
+         in-kernel port filter and every state change reaches the daemon). Mean of the \
+         rounds; latency is wrk's, mean of its per-round percentiles. wrk, the server and \
+         the daemon share the machine's cores.\n"
+    ));
+    rep.line("| requests | daemon | req/s | latency p50 | latency p99 | rounds |\n|---|---|---|---|---|---|");
+    let mean = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+        v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+    };
+    let mut ratios = Vec::new();
+    for (label, off, on) in &table {
+        for (state, v) in [("off", off), ("on", on)] {
+            rep.line(&format!(
+                "| {label} | {state} | {} | {} ms | {} ms | {} |",
+                fmt(mean(v, |r| r.0)),
+                fmt(mean(v, |r| r.1)),
+                fmt(mean(v, |r| r.2)),
+                v.len()
+            ));
+        }
+        ratios.push(format!(
+            "{label}: on/off req/s {}",
+            ratio(mean(on, |r| r.0), mean(off, |r| r.0))
+        ));
+    }
+    rep.line(&format!("\nRatio {}.\n", ratios.join("; ")));
+}
