@@ -201,12 +201,56 @@ struct Core {
     /// The event source's name, and why it is not eBPF when it is not.
     probe_mode: &'static str,
     probe_degraded: Option<String>,
+    /// What the last snapshot's holders are bound to, to tell urgent deaths.
+    bound: Bound,
     /// The last ledger write error, until a write succeeds again.
     ledger_error: Option<String>,
     /// Holders' Kubernetes pods, from their cgroups.
     pods: std::cell::RefCell<crate::kube::Resolver>,
     /// Open `session` spans of dead sessions, ended when nothing binds to them any more.
     session_spans: HashMap<String, opentelemetry::Context>,
+}
+
+/// How soon a death needs a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Urgency {
+    None,
+    /// Within [`SOON`]: the death may matter to a holder the last snapshot did not know.
+    Soon,
+    /// At once: it matters to a known holder.
+    Now,
+}
+
+/// Deaths of sessions no known holder is bound to wait this long for a snapshot, together.
+const SOON: Duration = Duration::from_millis(100);
+
+/// What the last snapshot's holders are bound to: their pids, the pids of their sessions'
+/// roots, and their sessions' keys.
+#[derive(Default)]
+struct Bound {
+    pids: HashSet<u32>,
+    keys: HashSet<String>,
+}
+
+impl Bound {
+    fn of(assessments: &[Assessment]) -> Self {
+        let mut b = Self::default();
+        for a in assessments {
+            b.pids.insert(a.id.pid);
+            for s in &a.sessions {
+                if let Some(pid) = s
+                    .key
+                    .strip_prefix("pid:")
+                    .and_then(|k| k.split('@').next())
+                    .and_then(|p| p.parse().ok())
+                {
+                    b.pids.insert(pid);
+                }
+                b.keys.insert(s.key.clone());
+            }
+        }
+        b
+    }
 }
 
 struct Last {
@@ -222,7 +266,7 @@ struct ManualWait {
 }
 
 impl Core {
-    fn on_event(&mut self, ev: &KernelEvent) -> bool {
+    fn on_event(&mut self, ev: &KernelEvent) -> Urgency {
         if let KernelEvent::Fork { ppid, .. } = ev
             && self.model.needs_facts(*ppid)
             && let Some(f) = scan::facts(&self.proc_root, *ppid)
@@ -238,7 +282,39 @@ impl Core {
         {
             self.model.observe_proc(&f, clock::monotonic_ns());
         }
-        death
+        if !death {
+            return Urgency::None;
+        }
+        match ev {
+            // A holder, or the root of a session a holder is bound to, or a service's root
+            // (its workers may not be bound yet): decide now.
+            KernelEvent::Exit { tgid, .. }
+                if self.bound.pids.contains(tgid)
+                    || self
+                        .model
+                        .service_root(*tgid)
+                        .is_some_and(|(_, root)| root.pid == *tgid) =>
+            {
+                Urgency::Now
+            }
+            // Another member of a service: no session ends with it.
+            KernelEvent::Exit { .. } => Urgency::None,
+            KernelEvent::Tcp { socket, .. } => {
+                let key = ConnKey {
+                    local: std::net::SocketAddr::new(socket.local.addr, socket.local.port),
+                    remote: std::net::SocketAddr::new(socket.remote.addr, socket.remote.port),
+                };
+                if self.bound.keys.contains(&key.to_string()) {
+                    Urgency::Now
+                } else {
+                    // No holder was bound to it at the last snapshot; one started since may
+                    // be. Deaths like this coalesce, so connection churn costs a few
+                    // snapshots a second, not one per close.
+                    Urgency::Soon
+                }
+            }
+            _ => Urgency::Soon,
+        }
     }
 
     fn lineage(&self, id: ProcId, b: &Binding) -> Lineage {
@@ -310,6 +386,7 @@ impl Core {
         self.announce(&assessments);
         self.metrics.snapshot(&s.inventory, &assessments, s.took);
         self.metrics.sessions(&self.session_counts());
+        self.bound = Bound::of(&assessments);
         self.last = Some(Last {
             inventory: s.inventory.clone(),
             assessments: assessments.clone(),
@@ -878,6 +955,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         probe_mode: probe.mode(),
         probe_degraded: opened.degraded,
         ledger_error: None,
+        bound: Bound::default(),
         pods: std::cell::RefCell::new(crate::kube::Resolver::new(cfg.containers_dir.clone())),
         session_spans: HashMap::new(),
     };
@@ -930,14 +1008,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             read = probe.read_batch(&mut batch) => {
                 read?;
-                let mut death = false;
+                let mut urgency = Urgency::None;
                 core.events_seen += batch.len() as u64;
                 for r in batch.drain(..) {
                     metrics.event(r.event.kind(), r.recv_ns.saturating_sub(r.event.ts_ns()));
-                    death |= core.on_event(&r.event);
+                    urgency = urgency.max(core.on_event(&r.event));
                 }
-                if death {
-                    due = Some(Instant::now());
+                let now = Instant::now();
+                match urgency {
+                    Urgency::Now => due = Some(now),
+                    Urgency::Soon => due = Some(due.map_or(now + SOON, |d| d.min(now + SOON))),
+                    Urgency::None => {}
                 }
             }
             _ = sweep.tick() => {
