@@ -127,19 +127,22 @@ fn take_snapshot(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Snaps
     let t0 = std::time::Instant::now();
     let inventory = gpu.snapshot();
     let took = t0.elapsed();
-    let table = scan::tcp_sockets_seen_by(
-        &proc_root,
-        inventory
-            .holders
-            .values()
-            .filter(|h| h.status == HolderStatus::Live)
-            .map(|h| h.pid),
-    );
-    let conns = inventory
+    let sockets: Vec<(u32, Vec<u64>)> = inventory
         .holders
         .values()
         .filter(|h| h.status == HolderStatus::Live)
-        .map(|h| (h.pid, scan::connections_of(&proc_root, h.pid, &table)))
+        .map(|h| (h.pid, scan::socket_inodes(&proc_root, h.pid)))
+        .collect();
+    // The socket tables cost the kernel a walk of every socket (TIME_WAIT included: tens of
+    // thousands under churn): read them only for a full scan or a holder with sockets.
+    let table = if full || sockets.iter().any(|(_, s)| !s.is_empty()) {
+        scan::tcp_sockets_seen_by(&proc_root, sockets.iter().map(|(pid, _)| *pid))
+    } else {
+        HashMap::new()
+    };
+    let conns = sockets
+        .iter()
+        .map(|(pid, inodes)| (*pid, scan::connections_among(inodes, &table)))
         .collect();
     let mut holder_facts = Vec::new();
     for h in inventory

@@ -148,7 +148,12 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<SocketAddr> {
 
 /// The TCP connections behind `pid`'s socket fds.
 pub fn connections_of(proc_root: &Path, pid: u32, table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
-    socket_inodes(proc_root, pid)
+    connections_among(&socket_inodes(proc_root, pid), table)
+}
+
+/// The TCP connections of these socket inodes.
+pub fn connections_among(inodes: &[u64], table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
+    inodes
         .iter()
         .filter_map(|i| table.get(i))
         .map(|s| s.key.clone())

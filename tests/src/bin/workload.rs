@@ -373,6 +373,17 @@ fn main() {
             say(&format!("accepted {}", conns.len()));
             wait_for_stdin();
         }
+        // clients ADDR N: opens N connections to ADDR and keeps them, never writing; prints
+        // "connected N", then waits for stdin.
+        "clients" => {
+            let addr: SocketAddr = arg(&args, 2, "address").parse().expect("address");
+            let n: usize = arg(&args, 3, "count").parse().expect("count");
+            let conns: Vec<std::net::TcpStream> = (0..n)
+                .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+                .collect();
+            say(&format!("connected {}", conns.len()));
+            wait_for_stdin();
+        }
         // roots NAME N: N processes named NAME (each a service root of its own), which live
         // until stdin closes; prints "roots N" once all are named.
         "roots" => {

@@ -256,6 +256,73 @@ pub fn memory(sessions: usize) -> Memory {
     Memory { rows }
 }
 
+/// The daemon with `n` live connection sessions, idle: what they cost it in memory and in
+/// CPU (its sweeps re-read every socket table). One process may hold 20000 fds here (the
+/// hard limit, not raisable without CAP_SYS_RESOURCE), so the sessions are spread over
+/// several service ports, each with its own server and client process.
+pub struct LiveRow {
+    pub sessions: usize,
+    pub in_table: u64,
+    pub rss_kib: u64,
+    pub cpu_percent: f64,
+}
+
+pub fn live_sessions(counts: &[usize]) -> Vec<LiveRow> {
+    const PER_PROCESS: usize = 15_000;
+    const IDLE: Duration = Duration::from_secs(20);
+    let mut rows = Vec::new();
+    for &n in counts {
+        let groups = n.div_ceil(PER_PROCESS);
+        let ports: Vec<u16> = (0..groups).map(|_| reclaimd_tests::free_port()).collect();
+        let gpu = FakeGpu::new(DEVICE);
+        let list = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut d = daemon(
+            &gpu,
+            "",
+            &format!(
+                "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
+                 ports = [{list}]\nscope = \"connection\"\n"
+            ),
+        );
+        let mut procs = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let share = (n - i * PER_PROCESS).min(PER_PROCESS).to_string();
+            let addr = format!("127.0.0.1:{port}");
+            let server = Workload::spawn(
+                &crate::workload(),
+                &["keep-conns", "api-server", &addr, &share],
+            );
+            server.line("listening");
+            let clients = Workload::spawn(&crate::workload(), &["clients", &addr, &share]);
+            clients.line("connected");
+            server.line("accepted");
+            procs.push((server, clients));
+        }
+        let (conns, _) = table_sizes(&mut d);
+        let cpu0 = crate::util::cpu_seconds(d.pid());
+        std::thread::sleep(IDLE);
+        let cpu = crate::util::cpu_seconds(d.pid()) - cpu0;
+        let (rss, _) = rss_kib(d.pid());
+        eprintln!("bench: {n} live sessions: in table {conns}, rss {rss} KiB, cpu {cpu:.2} s");
+        rows.push(LiveRow {
+            sessions: n,
+            in_table: conns,
+            rss_kib: rss,
+            cpu_percent: 100.0 * cpu / IDLE.as_secs_f64(),
+        });
+        for (server, clients) in procs {
+            let _ = clients.finish();
+            let _ = server.finish();
+        }
+        d.stop();
+    }
+    rows
+}
+
 /// The original core sections (time to reclaim, memory), then the peer comparison.
 pub fn run(opts: &Opts, rep: &mut Report) -> usize {
     let mut r = time_to_reclaim(opts.runs);
@@ -316,6 +383,37 @@ pub fn run(opts: &Opts, rep: &mut Report) -> usize {
             *rss as f64,
         );
         rep.value(&format!("hwm_kib {what}"), *hwm as f64);
+    }
+    rep.line("");
+
+    let counts: &[usize] = if opts.quick {
+        &[1_000, 10_000]
+    } else {
+        &[10_000, 100_000]
+    };
+    rep.heading("Daemon at rest with many live sessions");
+    rep.line(
+        "Live connection sessions of a connection-scope service, idle (nobody reads or \
+         writes), default 5 s sweep: the daemon's RSS, and its CPU over 20 s (the sweeps \
+         re-read the socket tables).\n",
+    );
+    rep.line("| live sessions | in table | RSS | CPU |\n|---|---|---|---|");
+    for row in live_sessions(counts) {
+        rep.line(&format!(
+            "| {} | {} | {:.1} MiB | {:.1} % |",
+            row.sessions,
+            row.in_table,
+            row.rss_kib as f64 / 1024.0,
+            row.cpu_percent
+        ));
+        rep.value(
+            &format!("live_rss_kib {}", row.sessions),
+            row.rss_kib as f64,
+        );
+        rep.value(
+            &format!("live_cpu_percent {}", row.sessions),
+            row.cpu_percent,
+        );
     }
     rep.line("");
 
