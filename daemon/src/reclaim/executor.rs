@@ -192,17 +192,28 @@ fn devices_of(a: &Assessment, inv: &Inventory) -> Vec<String> {
 }
 
 /// Device used bytes for the devices a holder used, by UUID.
-fn used_of(inv: &Inventory, uuids: &[String]) -> Option<u64> {
+/// Memory used on `uuids` that NVML does not attribute to a process other than `pid`: what
+/// `pid` holds, plus what nobody is listed for. Other processes allocating meanwhile (a busy
+/// GPU) do not hide the drop that `pid`'s exit makes in it.
+fn used_of(inv: &Inventory, uuids: &[String], pid: u32) -> Option<u64> {
     if !matches!(inv.nvml, NvmlStatus::Available { .. }) {
         return None;
     }
-    Some(
-        inv.devices
-            .iter()
-            .filter(|d| uuids.contains(&d.uuid))
-            .map(|d| d.used_bytes)
-            .fold(0, u64::saturating_add),
-    )
+    let used = inv
+        .devices
+        .iter()
+        .filter(|d| uuids.contains(&d.uuid))
+        .map(|d| d.used_bytes)
+        .fold(0, u64::saturating_add);
+    let others = inv
+        .holders
+        .values()
+        .filter(|h| h.pid != pid)
+        .flat_map(|h| &h.memory)
+        .filter(|m| uuids.contains(&m.device_uuid))
+        .filter_map(|m| m.bytes)
+        .fold(0, u64::saturating_add);
+    Some(used.saturating_sub(others))
 }
 
 impl Executor {
@@ -480,7 +491,7 @@ impl Executor {
         }
         let before_inv = self.gpu.snapshot();
         let uuids = devices_of(a, &before_inv);
-        let before = used_of(&before_inv, &uuids);
+        let before = used_of(&before_inv, &uuids, a.id.pid);
 
         let t0 = Instant::now();
         if let Err(e) = pidfd_send_signal(&fd, Signal::TERM) {
@@ -523,7 +534,7 @@ impl Executor {
                 .holders
                 .get(&a.id.pid)
                 .is_some_and(|h| !h.memory.is_empty());
-            let after = used_of(&inv, &uuids);
+            let after = used_of(&inv, &uuids, a.id.pid);
             let dropped = match (before, after) {
                 (Some(b), Some(x)) => x < b || uuids.is_empty(),
                 _ => true,
@@ -557,5 +568,61 @@ impl Executor {
         r.detail = detail.join("; ");
         self.event("verification", r.detail.clone());
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::gpu::{Device, GpuMemory, Holder, ProcessKind};
+
+    const GIB: u64 = 1 << 30;
+
+    fn inventory(used: u64, holders: &[(u32, u64)]) -> Inventory {
+        let mut map = BTreeMap::new();
+        for (pid, bytes) in holders {
+            let mut h = Holder::unseen(*pid);
+            h.memory.push(GpuMemory {
+                device_uuid: "GPU-a".to_owned(),
+                bytes: Some(*bytes),
+                kind: ProcessKind::Compute,
+            });
+            map.insert(*pid, h);
+        }
+        Inventory {
+            nvml: NvmlStatus::Available {
+                driver_version: "x".to_owned(),
+            },
+            devices: vec![Device {
+                index: 0,
+                uuid: "GPU-a".to_owned(),
+                name: "A".to_owned(),
+                minor: Some(0),
+                total_bytes: 80 * GIB,
+                used_bytes: used,
+                attributed_bytes: 0,
+                unattributed_bytes: 0,
+                parent_uuid: None,
+            }],
+            holders: map,
+            warnings: Vec::new(),
+            nvml_duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_drop_is_seen_even_when_another_process_allocates_as_much_meanwhile() {
+        let uuids = vec!["GPU-a".to_owned()];
+        // Worker 10 holds 1 GiB beside process 20's 2 GiB; then 10 exits as 30 takes 1 GiB:
+        // the device's used memory stays at 3 GiB.
+        let before = used_of(&inventory(3 * GIB, &[(10, GIB), (20, 2 * GIB)]), &uuids, 10);
+        let after = used_of(&inventory(3 * GIB, &[(20, 2 * GIB), (30, GIB)]), &uuids, 10);
+        assert_eq!(before, Some(GIB));
+        assert_eq!(after, Some(0));
+        // Memory nobody is listed for (a child holding inherited handles) counts as ours.
+        let held = used_of(&inventory(3 * GIB, &[(20, 2 * GIB)]), &uuids, 10);
+        assert_eq!(held, Some(GIB));
     }
 }
