@@ -265,6 +265,8 @@ struct Last {
 struct ManualWait {
     waiting: HashSet<ProcId>,
     ids: Vec<i64>,
+    /// Why a holder's decision could not be recorded (so nothing was done to it).
+    unrecorded: Option<String>,
     reply: oneshot::Sender<Result<Vec<i64>, tonic::Status>>,
 }
 
@@ -656,6 +658,9 @@ impl Core {
         for w in &mut self.manual {
             if w.waiting.remove(&d.id) {
                 w.ids.extend(d.ledger_id);
+                if let Some(e) = &d.ledger_error {
+                    w.unrecorded = Some(e.clone());
+                }
             }
         }
         let (finished, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.manual)
@@ -663,7 +668,12 @@ impl Core {
             .partition(|w| w.waiting.is_empty());
         self.manual = waiting;
         for w in finished {
-            let _ = w.reply.send(Ok(w.ids));
+            let _ = w.reply.send(match (w.ids.is_empty(), w.unrecorded) {
+                (true, Some(e)) => Err(tonic::Status::unavailable(format!(
+                    "the ledger cannot record the decision, so nothing was done: {e}"
+                ))),
+                _ => Ok(w.ids),
+            });
         }
     }
 
@@ -844,6 +854,7 @@ impl Core {
         self.manual.push(ManualWait {
             waiting,
             ids: Vec::new(),
+            unrecorded: None,
             reply,
         });
     }

@@ -197,6 +197,31 @@ fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
         .and_then(|v| v.trim().parse().ok())
         .expect("reclaimd_ledger_errors_total");
     assert!(errors >= 2.0, "retried each sweep: {errors}");
+    // An operator's request is refused the same way, and says why (asked again if it
+    // meets the automatic retry in flight).
+    let mut said = String::new();
+    for _ in 0..20 {
+        let asked = Command::new(reclaimd_tests::reclaimctl_bin())
+            .arg("--socket")
+            .arg(Daemon::api_socket(&gpu))
+            .args([
+                "reclaim",
+                "--pid",
+                &worker.to_string(),
+                "--reason",
+                "disk full test",
+            ])
+            .output()
+            .expect("reclaimctl reclaim");
+        assert!(!asked.status.success());
+        said = String::from_utf8_lossy(&asked.stderr).into_owned();
+        if !said.contains("being reclaimed already") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(said.contains("ledger cannot record"), "{said}");
+    assert!(alive(worker));
 
     std::fs::remove_file(filler).unwrap();
     let r = wait_for_record(&ledger, worker, WAIT);
