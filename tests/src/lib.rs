@@ -613,14 +613,22 @@ pub fn wait_for_record(
 
 /// Every ledger record.
 pub fn ledger_records(ledger: &std::path::Path) -> Vec<reclaimd::ledger::Record> {
-    reclaimd::ledger::Ledger::open(ledger)
-        .and_then(|l| {
-            l.query(&reclaimd::ledger::Query {
+    let l = reclaimd::ledger::Ledger::open(ledger).expect("open ledger");
+    // Every record, newest first, a page at a time (a query returns at most ~1000).
+    let mut all: Vec<reclaimd::ledger::Record> = Vec::new();
+    loop {
+        let page = l
+            .query(&reclaimd::ledger::Query {
+                before_id: all.last().map(|r| r.id),
                 limit: Some(1000),
                 ..Default::default()
             })
-        })
-        .expect("read ledger")
+            .expect("read ledger");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
 }
 
 /// Whether `pid` is alive (and not a zombie).
