@@ -14,6 +14,7 @@ pub mod names {
     pub const DROPS: &str = "DROPS";
     pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
     pub const SOCKS: &str = "SOCKS";
+    pub const EXITED: &str = "EXITED";
     /// A global (`.rodata`), not a map.
     pub const OFFSETS: &str = "OFFSETS";
 }
@@ -178,9 +179,69 @@ pub struct KernelOffsets {
     pub fdtable_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
-    /// Offset of `group_dead` in the `sched_process_exit` record; 0 when the kernel's record
-    /// has no such field (then only leader exits count as process deaths).
+    pub task_signal: u32,
+    /// `signal_struct.live`: the thread group's running threads.
+    pub signal_live: u32,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+    /// How the exit program tells a process's death from a thread's: an [`exit_filter`]
+    /// value. `NONE` keeps the program silent.
+    pub exit_filter: u32,
+    /// Offset of `group_dead` in the `sched_process_exit` record (Linux >= 6.16), for
+    /// `exit_filter::GROUP_DEAD`.
     pub exit_group_dead: u32,
+}
+
+/// How the exit program knows that the exiting thread was its process's last
+/// (`KernelOffsets::exit_filter`). A thread-group leader may exit before its other threads:
+/// its exit is not the process's (DESIGN invariant 9).
+pub mod exit_filter {
+    /// Not known: no exit is reported.
+    pub const NONE: u32 = 0;
+    /// The tracepoint's own `group_dead` field (Linux >= 6.16).
+    pub const GROUP_DEAD: u32 = 1;
+    /// `task->signal->live`, which `do_exit` has decremented when the tracepoint fires:
+    /// zero means no thread of the group runs any more (every kernel).
+    pub const SIGNAL_LIVE: u32 = 2;
+}
+
+/// Field offsets in tracepoint records the programs read at fixed places; user space checks
+/// each against the running kernel's `format` file before loading the program that reads it.
+pub mod layout {
+    /// `sock/inet_sock_set_state`, stable since Linux 4.16.
+    pub mod set_state {
+        pub const SKADDR: u32 = 8;
+        pub const OLDSTATE: u32 = 16;
+        pub const NEWSTATE: u32 = 20;
+        pub const SPORT: u32 = 24;
+        pub const DPORT: u32 = 26;
+        pub const FAMILY: u32 = 28;
+        pub const PROTOCOL: u32 = 30;
+        pub const SADDR: u32 = 32;
+        pub const DADDR: u32 = 36;
+        pub const SADDR_V6: u32 = 40;
+        pub const DADDR_V6: u32 = 56;
+
+        /// Every field, by its name in the format file.
+        pub const FIELDS: [(&str, u32); 11] = [
+            ("skaddr", SKADDR),
+            ("oldstate", OLDSTATE),
+            ("newstate", NEWSTATE),
+            ("sport", SPORT),
+            ("dport", DPORT),
+            ("family", FAMILY),
+            ("protocol", PROTOCOL),
+            ("saddr", SADDR),
+            ("daddr", DADDR),
+            ("saddr_v6", SADDR_V6),
+            ("daddr_v6", DADDR_V6),
+        ];
+    }
+
+    /// `sk` in `sock/sock_{send,recv}_length` (Linux >= 6.3).
+    pub const SOCK_LENGTH_SK: u32 = 8;
+    /// `ret` in `syscalls/sys_exit_*`.
+    pub const SYS_EXIT_RET: u32 = 16;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -242,6 +303,11 @@ impl KernelOffsets {
             fdtable_fd: 0,
             file_private_data: 0,
             socket_sk: 0,
+            task_signal: 0,
+            signal_live: 0,
+            task_group_leader: 0,
+            task_start_time: 0,
+            exit_filter: exit_filter::NONE,
             exit_group_dead: 0,
         }
     }
@@ -257,4 +323,4 @@ mod pod {
 // Layouts are ABI between kernel and user space: catch accidental changes at compile time.
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 68);

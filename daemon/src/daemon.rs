@@ -204,6 +204,8 @@ struct Core {
     /// The event source's name, and why it is not eBPF when it is not.
     probe_mode: &'static str,
     probe_degraded: Option<String>,
+    /// What the kernel side sees, and from where.
+    capabilities: Vec<crate::probe::CapabilityStatus>,
     /// What the last snapshot's holders are bound to, to tell urgent deaths.
     bound: Bound,
     /// The last ledger write error, until a write succeeds again.
@@ -616,7 +618,7 @@ impl Core {
         let pid = a.id.pid;
         Job {
             parent: self.session_context(&a),
-            exe: std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).ok(),
+            exe: scan::exe_of(&self.proc_root, pid),
             cgroup: scan::cgroup_of(&self.proc_root, pid).unwrap_or_default(),
             pod: self.pods.borrow_mut().pod_of(&self.proc_root, pid),
             assessment: a,
@@ -722,6 +724,11 @@ impl Core {
             uptime_seconds: self.started.elapsed().as_secs(),
             probe_mode: self.probe_mode.to_owned(),
             probe_degraded_reason: self.probe_degraded.clone().unwrap_or_default(),
+            capabilities: self
+                .capabilities
+                .iter()
+                .map(api::convert::capability)
+                .collect(),
             ledger_error: self.ledger_error.clone().unwrap_or_default(),
             events_seen: self.events_seen,
             events_dropped: self.events_dropped,
@@ -893,12 +900,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             watched_ports: cfg.watched_ports(),
             ring_bytes: cfg.probe.ring_bytes,
             btf_path: cfg.probe.btf.clone(),
+            exit_filter: crate::probe::ExitFilter::Auto,
         },
     )?;
     let mut probe = opened.source;
-    let sweep_every = if let Some(why) = &opened.degraded {
+    if let Some(why) = &opened.degraded {
         tracing::warn!(mode = probe.mode(), reason = %why, sweep = ?cfg.probe.fallback_sweep,
             "DEGRADED: running without eBPF; deaths are found by the fallback, later");
+    }
+    for c in probe.capabilities() {
+        tracing::info!(capability = c.capability.name(), source = c.source.name(),
+            detail = %c.detail, "kernel capability");
+    }
+    let sweep_every = if probe.needs_fast_sweep() {
         cfg.policy.sweep.min(cfg.probe.fallback_sweep)
     } else {
         cfg.policy.sweep
@@ -968,12 +982,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         metrics: metrics.clone(),
         probe_mode: probe.mode(),
         probe_degraded: opened.degraded,
+        capabilities: probe.capabilities().to_vec(),
         ledger_error: None,
         bound: Bound::default(),
         pods: std::cell::RefCell::new(crate::kube::Resolver::new(cfg.containers_dir.clone())),
         session_spans: HashMap::new(),
     };
     metrics.probe_mode(probe.mode());
+    metrics.capabilities(probe.capabilities());
     let (api_tx, mut api_rx) = mpsc::channel::<CoreRequest>(64);
     let (api_stop_tx, api_stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use reclaimd::{
     gpu::{DEFAULT_DEVICE_GLOB, GpuOptions},
     inventory_cmd,
-    probe::{DEFAULT_BTF_PATH, DEFAULT_RING_BYTES, ProbeOptions},
+    probe::{DEFAULT_BTF_PATH, DEFAULT_RING_BYTES, ExitFilter, ProbeOptions},
     trace::{self, TraceOptions},
 };
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -61,6 +61,10 @@ enum Command {
     /// of sockets on the given local ports, with the process that owns each socket. Use it to
     /// check that the kernel side works on a host, or to watch a service's sessions.
     ///
+    /// It starts on any kernel where one of its programs loads, and says first (on stderr,
+    /// and in the ready line with --json) which events this kernel cannot show: for example
+    /// owners learned from socket I/O before Linux 6.3.
+    ///
     /// Example: sudo reclaimd trace --json --port 8000
     Trace {
         /// One JSON object per line (kind, ts_ns, recv_ns, pid, tgid, comm, and per kind:
@@ -82,6 +86,13 @@ enum Command {
         /// The kernel's BTF (type information), used to find kernel structure offsets.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_BTF_PATH)]
         btf: PathBuf,
+
+        /// How a process's death is told from the exit of one of its threads: the
+        /// tracepoint's `group_dead` field (Linux >= 6.16), or `task->signal->live` (every
+        /// kernel); `auto` takes the first this kernel has. The daemon always uses `auto`;
+        /// the others are for checking a filter on a kernel that has both.
+        #[arg(long, value_enum, default_value_t = ExitFilter::Auto)]
+        exit_filter: ExitFilter,
     },
 
     /// Print one GPU inventory: devices, and every process that holds GPU memory (NVML) or
@@ -170,12 +181,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ports,
             ring_bytes,
             btf,
+            exit_filter,
         } => {
             let opts = TraceOptions {
                 probe: ProbeOptions {
                     watched_ports: ports,
                     ring_bytes,
                     btf_path: btf,
+                    exit_filter,
                 },
                 json,
             };

@@ -303,14 +303,16 @@ impl Model {
                 let relevant = self.pins.values().any(|b| b.root.pid == *tgid)
                     || self.service_root(*tgid).is_some();
                 match self.procs.get_mut(tgid) {
-                    Some(p) => {
+                    // One death per process: a second report (threads dying together, the
+                    // connector and the sweep both) changes nothing.
+                    Some(p) if p.exited.is_none() => {
                         p.exited = Some(Exited {
                             at: *ts_ns,
                             status: Some(*status),
                         });
                         relevant
                     }
-                    None => false,
+                    _ => false,
                 }
             }
             KernelEvent::Tcp {

@@ -7,13 +7,18 @@ use std::{
 };
 
 use crate::{
-    gpu::ProcStat,
+    gpu::{LiveProc, ProcStat, fd_links},
     model::{ConnKey, ProcFacts},
 };
 
 /// The process's cgroup v2 path (`0::/path`), or the first hierarchy's path on v1.
 pub fn cgroup_of(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    cgroup_in(&LiveProc::find(proc_root, pid)?.dir)
+}
+
+/// The cgroup path in `dir/cgroup` (a process's or a thread's /proc directory).
+fn cgroup_in(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("cgroup")).ok()?;
     let line = text
         .lines()
         .find(|l| l.starts_with("0::"))
@@ -21,18 +26,22 @@ pub fn cgroup_of(proc_root: &Path, pid: u32) -> Option<String> {
     Some(line.splitn(3, ':').nth(2)?.to_owned())
 }
 
+/// The executable of a live process.
+pub fn exe_of(proc_root: &Path, pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(LiveProc::find(proc_root, pid)?.dir.join("exe")).ok()
+}
+
+/// Facts of a process any thread of which runs (a leader that exited first is no death:
+/// invariant 9); `None` once its last thread has exited.
 pub fn facts(proc_root: &Path, pid: u32) -> Option<ProcFacts> {
-    let stat = ProcStat::read(proc_root, pid)?;
-    if stat.is_zombie() {
-        return None;
-    }
+    let LiveProc { stat, dir } = LiveProc::find(proc_root, pid)?;
     Some(ProcFacts {
         pid,
         ppid: stat.ppid,
         start_time: stat.start_time,
         comm: stat.comm,
-        exe: std::fs::read_link(proc_root.join(pid.to_string()).join("exe")).ok(),
-        cgroup: cgroup_of(proc_root, pid),
+        exe: std::fs::read_link(dir.join("exe")).ok(),
+        cgroup: cgroup_in(&dir),
     })
 }
 
@@ -50,13 +59,9 @@ pub fn all_facts(proc_root: &Path) -> Vec<ProcFacts> {
 
 /// Inodes of the sockets `pid` holds open.
 pub fn socket_inodes(proc_root: &Path, pid: u32) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|t| {
+    fd_links(proc_root, pid)
+        .into_iter()
+        .filter_map(|(_, t)| {
             t.to_str()?
                 .strip_prefix("socket:[")?
                 .strip_suffix(']')?
@@ -98,7 +103,10 @@ pub fn tcp_sockets_seen_by(
     let mut seen: std::collections::HashSet<PathBuf> =
         netns(&proc_root.join("self")).into_iter().collect();
     for pid in pids {
-        let dir = proc_root.join(pid.to_string());
+        // A leader that exited before its threads has no namespaces left: read a thread's.
+        let Some(LiveProc { dir, .. }) = LiveProc::find(proc_root, pid) else {
+            continue;
+        };
         if let Some(ns) = netns(&dir)
             && seen.insert(ns)
         {

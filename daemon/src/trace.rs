@@ -38,7 +38,11 @@ pub async fn run(opts: TraceOptions) -> Result<(), TraceError> {
         json: opts.json,
         stdout: io::stdout().lock(),
     };
-    if let Err(e) = out.ready(&opts.probe) {
+    for (cap, why) in probe.missing() {
+        tracing::warn!(capability = cap.name(), reason = %why,
+            "this kernel does not show these events");
+    }
+    if let Err(e) = out.ready(&opts.probe, &probe) {
         return closed_or(e);
     }
 
@@ -116,12 +120,27 @@ struct Output<'a> {
 }
 
 impl Output<'_> {
-    fn ready(&mut self, opts: &ProbeOptions) -> io::Result<()> {
+    /// The first line: what is attached and what this kernel cannot show.
+    fn ready(&mut self, opts: &ProbeOptions, probe: &Probe) -> io::Result<()> {
         if self.json {
+            let attached: serde_json::Map<String, serde_json::Value> = probe
+                .attached()
+                .iter()
+                .map(|(c, detail)| (c.name().to_owned(), json!(detail)))
+                .collect();
+            let missing: serde_json::Map<String, serde_json::Value> = probe
+                .missing()
+                .iter()
+                .map(|(c, why)| (c.name().to_owned(), json!(why)))
+                .collect();
             let v = json!({ "kind": "ready", "ports": opts.watched_ports,
-                            "ring_bytes": opts.ring_bytes });
+                            "ring_bytes": opts.ring_bytes, "capabilities": attached,
+                            "missing": missing });
             writeln!(self.stdout, "{v}")?;
         } else {
+            for (c, why) in probe.missing() {
+                writeln!(self.stdout, "# cannot see {}: {why}", c.name())?;
+            }
             writeln!(
                 self.stdout,
                 "{:>14} {:<5} {:>7} {:<16} DETAILS",

@@ -20,7 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use reclaimd_common::{
     AF_INET, AF_INET6, COMM_LEN, Event, EventKind, IPPROTO_TCP, KernelOffsets, OwnerSource,
-    SockInfo, tcp_state,
+    SockInfo, exit_filter,
+    layout::{SOCK_LENGTH_SK, SYS_EXIT_RET, set_state},
+    tcp_state,
 };
 
 /// Default size; user space may resize it before load (`EbpfLoader::map_max_entries`).
@@ -39,6 +41,24 @@ static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 /// was never seen cannot fill the map for ever.
 #[map]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// A process across pid reuse: its tgid and its leader's start time.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ProcessKey {
+    tgid: u32,
+    _pad: u32,
+    start_ns: u64,
+}
+
+/// Processes whose death was reported through `signal->live`, where several threads that
+/// die together can each find the count at zero: the first report stands. LRU: the
+/// duplicates come within microseconds, so old entries may go.
+#[map]
+static EXITED: LruHashMap<ProcessKey, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// `BPF_NOEXIST`: insert only a new key (atomic against the other CPUs).
+const BPF_NOEXIST: u64 = 1;
 
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
@@ -122,23 +142,52 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Offset of `group_dead` in older records has no field; see `KernelOffsets::exit_group_dead`.
+/// The death of a process: the exit of its last thread, which need not be its leader (a
+/// leader may exit first while other threads run on: no death, DESIGN invariant 9).
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = try_exit(&ctx);
     0
 }
 
+/// Whether the exiting thread is the last of its process, and the first to say so.
+#[inline(always)]
+fn last_of_its_process(
+    ctx: &TracePointContext,
+    off: &KernelOffsets,
+    tgid: u32,
+) -> Result<bool, i64> {
+    match off.exit_filter {
+        exit_filter::GROUP_DEAD => {
+            // SAFETY: offset taken from this kernel's tracepoint format.
+            let group_dead: u8 = unsafe { ctx.read_at(off.exit_group_dead as usize) }?;
+            Ok(group_dead != 0)
+        }
+        exit_filter::SIGNAL_LIVE => {
+            // SAFETY: the current task is alive for the whole tracepoint.
+            let task = unsafe { bpf_get_current_task() } as *const u8;
+            let signal: *const u8 = read(task, off.task_signal)?;
+            let live: i32 = read(signal, off.signal_live)?;
+            if live != 0 {
+                return Ok(false); // other threads of the process run on
+            }
+            let leader: *const u8 = read(task, off.task_group_leader)?;
+            let key = ProcessKey {
+                tgid,
+                _pad: 0,
+                start_ns: read(leader, off.task_start_time)?,
+            };
+            // Fails when another thread of the same process reported first.
+            Ok(EXITED.insert(key, 1, BPF_NOEXIST).is_ok())
+        }
+        _ => Ok(false),
+    }
+}
+
 fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (pid, tgid) = current_ids();
     let off = offsets();
-    if off.exit_group_dead != 0 {
-        // SAFETY: offset taken from this kernel's tracepoint format.
-        let group_dead: u8 = unsafe { ctx.read_at(off.exit_group_dead as usize) }?;
-        if group_dead == 0 {
-            return Ok(()); // other threads of the process live on
-        }
-    } else if pid != tgid {
+    if !last_of_its_process(ctx, &off, tgid)? {
         return Ok(());
     }
     let exit_code = if off.valid != 0 {
@@ -161,22 +210,6 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
 
 // ---- TCP ---------------------------------------------------------------------------------
 
-/// Field offsets in the `sock/inet_sock_set_state` record, stable since Linux 4.16; user space
-/// checks them against the running kernel's format file before loading.
-mod set_state {
-    pub const SKADDR: usize = 8;
-    pub const OLDSTATE: usize = 16;
-    pub const NEWSTATE: usize = 20;
-    pub const SPORT: usize = 24;
-    pub const DPORT: usize = 26;
-    pub const FAMILY: usize = 28;
-    pub const PROTOCOL: usize = 30;
-    pub const SADDR: usize = 32;
-    pub const DADDR: usize = 36;
-    pub const SADDR_V6: usize = 40;
-    pub const DADDR_V6: usize = 56;
-}
-
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
@@ -185,31 +218,32 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     use set_state::*;
+    let at = |off: u32| off as usize;
     // SAFETY (all read_at below): offsets checked against this kernel's format by user space.
-    let protocol: u16 = unsafe { ctx.read_at(PROTOCOL) }?;
+    let protocol: u16 = unsafe { ctx.read_at(at(PROTOCOL)) }?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let sport: u16 = unsafe { ctx.read_at(SPORT) }?;
+    let sport: u16 = unsafe { ctx.read_at(at(SPORT)) }?;
     // SAFETY: value is a plain u8, read-only here.
     if unsafe { WATCHED_PORTS.get(sport) }.is_none() {
         return Ok(());
     }
-    let sk: u64 = unsafe { ctx.read_at(SKADDR) }?;
-    let old_state: i32 = unsafe { ctx.read_at(OLDSTATE) }?;
-    let new_state: i32 = unsafe { ctx.read_at(NEWSTATE) }?;
-    let dport: u16 = unsafe { ctx.read_at(DPORT) }?;
-    let family: u16 = unsafe { ctx.read_at(FAMILY) }?;
+    let sk: u64 = unsafe { ctx.read_at(at(SKADDR)) }?;
+    let old_state: i32 = unsafe { ctx.read_at(at(OLDSTATE)) }?;
+    let new_state: i32 = unsafe { ctx.read_at(at(NEWSTATE)) }?;
+    let dport: u16 = unsafe { ctx.read_at(at(DPORT)) }?;
+    let family: u16 = unsafe { ctx.read_at(at(FAMILY)) }?;
 
     let mut ev = Event::zeroed();
     if family == AF_INET as u16 {
-        let s: [u8; 4] = unsafe { ctx.read_at(SADDR) }?;
-        let d: [u8; 4] = unsafe { ctx.read_at(DADDR) }?;
+        let s: [u8; 4] = unsafe { ctx.read_at(at(SADDR)) }?;
+        let d: [u8; 4] = unsafe { ctx.read_at(at(DADDR)) }?;
         ev.saddr[..4].copy_from_slice(&s);
         ev.daddr[..4].copy_from_slice(&d);
     } else if family == AF_INET6 as u16 {
-        ev.saddr = unsafe { ctx.read_at(SADDR_V6) }?;
-        ev.daddr = unsafe { ctx.read_at(DADDR_V6) }?;
+        ev.saddr = unsafe { ctx.read_at(at(SADDR_V6)) }?;
+        ev.daddr = unsafe { ctx.read_at(at(DADDR_V6)) }?;
     } else {
         return Ok(());
     }
@@ -319,13 +353,10 @@ fn try_accept_exit<C: EbpfContext>(ctx: &C, ret: i64) -> Result<(), i64> {
     Ok(())
 }
 
-/// Offset of `ret` in the `syscalls/sys_exit_*` records.
-const SYS_EXIT_RET: usize = 16;
-
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
     // SAFETY: fixed layout of syscall exit records.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET as usize) } {
         let _ = try_accept_exit(&ctx, ret);
     }
     0
@@ -334,19 +365,16 @@ pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     // SAFETY: fixed layout of syscall exit records.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET as usize) } {
         let _ = try_accept_exit(&ctx, ret);
     }
     0
 }
 
-/// Offset of `sk` in the `sock/sock_{send,recv}_length` records.
-const SOCK_LENGTH_SK: usize = 8;
-
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     // SAFETY: offset checked against this kernel's format by user space.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK) } {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK as usize) } {
         set_owner(sk, OwnerSource::Io, -1);
     }
     0
@@ -355,7 +383,7 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     // SAFETY: offset checked against this kernel's format by user space.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK) } {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK as usize) } {
         set_owner(sk, OwnerSource::Io, -1);
     }
     0

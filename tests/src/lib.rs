@@ -176,6 +176,9 @@ fn line_reader(child: &mut Child) -> Receiver<String> {
 pub struct Tracer {
     child: Child,
     lines: Receiver<String>,
+    /// The ready line: what is attached (`capabilities`) and what this kernel lacks
+    /// (`missing`), each capability by name with a detail or a reason.
+    pub ready: Value,
     /// Every event received so far, in order.
     pub seen: Vec<Value>,
 }
@@ -200,10 +203,11 @@ impl Tracer {
             .spawn()
             .expect("spawn reclaimd trace");
         let lines = line_reader(&mut child);
-        match lines.recv_timeout(Duration::from_secs(60)) {
+        let ready = match lines.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
                 let v: Value = serde_json::from_str(&line).expect("JSON line");
                 assert_eq!(v["kind"], "ready", "first line is the ready line: {line}");
+                v
             }
             Err(_) => {
                 let _ = child.kill();
@@ -213,12 +217,31 @@ impl Tracer {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-        }
+        };
         Self {
             child,
             lines,
+            ready,
             seen: Vec::new(),
         }
+    }
+
+    /// How capability `name` runs (its detail), or `None` when this kernel lacks it.
+    pub fn capability(&self, name: &str) -> Option<&str> {
+        self.ready["capabilities"][name].as_str()
+    }
+
+    /// The skip helper of tests that need a capability this kernel may lack: `true` (and a
+    /// line saying why) when it is missing.
+    pub fn skip_without(&self, name: &str) -> bool {
+        if self.capability(name).is_some() {
+            return false;
+        }
+        eprintln!(
+            "skipped: this kernel lacks {name}: {}",
+            self.ready["missing"][name]
+        );
+        true
     }
 
     fn take(&mut self, line: &str) -> Value {
@@ -631,10 +654,10 @@ pub fn ledger_records(ledger: &std::path::Path) -> Vec<reclaimd::ledger::Record>
     }
 }
 
-/// Whether `pid` is alive (and not a zombie).
+/// Whether process `pid` is alive: any thread of it runs (not a zombie, nor a leader that
+/// exited with its last thread).
 pub fn alive(pid: u32) -> bool {
-    reclaimd::gpu::ProcStat::read(std::path::Path::new("/proc"), pid)
-        .is_some_and(|s| !s.is_zombie())
+    reclaimd::gpu::process_alive(std::path::Path::new("/proc"), pid)
 }
 
 /// SIGKILL to a process the test started.

@@ -397,7 +397,7 @@ fn encode(m: &Msg, ts: u64, filler: u8) -> (Vec<u8>, Option<KernelEvent>) {
         Msg::Exit(d) => (
             PROC_EVENT_EXIT,
             &d[..],
-            (d[0] == d[1]).then(|| KernelEvent::Exit {
+            Some(KernelEvent::Exit {
                 ts_ns: ts,
                 pid: d[0],
                 tgid: d[1],
@@ -454,7 +454,7 @@ proptest! {
     }
 
     /// Well-formed messages, any number, of every kind: exactly the forks of processes and the
-    /// exits of thread-group leaders, in order; any cut of the datagram decodes to a prefix of
+    /// exits of threads (which of them ended a process is told from /proc later), in order; any cut of the datagram decodes to a prefix of
     /// that (never more, never something else); flipped bytes never panic.
     #[test]
     fn connector_datagrams_decode_to_their_events(

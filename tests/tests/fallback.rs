@@ -40,6 +40,20 @@ fn probe_mode_metric(gpu: &FakeGpu, mode: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+fn capability_metric(gpu: &FakeGpu, capability: &str, source: &str) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{}/metrics", Daemon::metrics_port(gpu));
+    let text = ureq::get(&url).call().ok()?.into_string().ok()?;
+    let labels = [
+        format!("capability=\"{capability}\""),
+        format!("source=\"{source}\""),
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("reclaimd_probe_capability{"))
+        .find(|l| labels.iter().all(|want| l.contains(want.as_str())))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Kills a service server whose worker holds 512 MiB and returns the worker's record.
 fn reclaim_one(gpu: &FakeGpu, ledger: &std::path::Path) -> reclaimd::ledger::Record {
     let device = gpu.device_file(0);
@@ -71,6 +85,32 @@ fn no_ebpf_flag_runs_on_the_proc_connector_says_so_and_reclaims() {
     );
     assert_eq!(probe_mode_metric(&gpu, "proc-connector"), Some(1.0));
     assert_eq!(probe_mode_metric(&gpu, "ebpf"), Some(0.0));
+    // Each capability says where its events come from instead.
+    let sources: Vec<(String, String)> = s["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["source"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want = [
+        ("exit", "proc-connector"),
+        ("fork", "proc-connector"),
+        ("tcp", "proc-sweep"),
+        ("owner:accept", "snapshot"),
+        ("owner:io", "snapshot"),
+    ];
+    assert_eq!(
+        sources,
+        want.map(|(n, s)| (n.to_owned(), s.to_owned())),
+        "{s}"
+    );
+    assert_eq!(capability_metric(&gpu, "tcp", "proc-sweep"), Some(1.0));
+    assert_eq!(capability_metric(&gpu, "tcp", "ebpf"), Some(0.0));
 
     let r = reclaim_one(&gpu, &ledger);
     // The exit came from the connector, not from the 5 s sweep: well under a sweep.
@@ -98,7 +138,17 @@ fn where_ebpf_cannot_load_auto_mode_falls_back_and_says_why() {
         .arg("status")
         .output()
         .expect("reclaimctl status");
-    assert!(String::from_utf8_lossy(&text.stdout).contains("DEGRADED"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("DEGRADED"), "{text}");
+    // Each capability on a line of its own, with its source and why it is not eBPF.
+    let tcp = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tcp "))
+        .unwrap_or_else(|| panic!("no tcp line in {text}"));
+    assert!(
+        tcp.contains("proc-sweep") && tcp.contains("/nonexistent/vmlinux"),
+        "{tcp}"
+    );
     reclaim_one(&gpu, &ledger);
     d.stop();
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use reclaimd_tests::{Tracer, Workload, percentile, reclaimd_bin, u64_of};
+use rstest::rstest;
 use serde_json::Value;
 
 fn workload() -> String {
@@ -36,6 +37,14 @@ fn exit_carries_tgid_and_code_and_fork_the_parent() {
     assert_eq!(exit["comm"], "workload");
     assert!(u64_of(&exit, "recv_ns") >= u64_of(&exit, "ts_ns"));
 
+    tracer.settle(Duration::from_millis(300));
+    let exits = tracer
+        .seen
+        .iter()
+        .filter(|v| is(v, "exit") && v["tgid"] == pid)
+        .count();
+    assert_eq!(exits, 1, "one exit for one process");
+
     let fork = tracer.expect("fork", WAIT, |v| is(v, "fork") && v["pid"] == pid);
     assert_eq!(
         fork["ppid"],
@@ -62,9 +71,34 @@ fn death_by_signal_reports_the_signal() {
     tracer.stop();
 }
 
-#[test]
-fn threads_are_filtered_in_the_kernel() {
-    let mut tracer = Tracer::start(&[]);
+/// A tracer with exit filter `filter`, or `None` (the test skipped) where this kernel lacks it.
+fn tracer_with_exit_filter(filter: &str) -> Option<Tracer> {
+    let tracer = Tracer::start(&["--exit-filter", filter]);
+    if tracer.skip_without("exit") {
+        return None;
+    }
+    let want = match filter {
+        "group-dead" => Some("group_dead"),
+        "signal-live" => Some("signal->live"),
+        _ => None,
+    };
+    if let Some(want) = want {
+        assert_eq!(tracer.capability("exit"), Some(want), "{}", tracer.ready);
+    }
+    Some(tracer)
+}
+
+/// The leader exits first (a main thread's `pthread_exit`) while threads run on: that is no
+/// process exit; the last thread's exit is, reported once, by that thread. On every kernel
+/// and with each way of telling (invariant 9).
+#[rstest]
+#[case::auto("auto")]
+#[case::group_dead("group-dead")]
+#[case::signal_live("signal-live")]
+fn a_leader_exit_is_no_process_exit_the_last_threads_is(#[case] filter: &str) {
+    let Some(mut tracer) = tracer_with_exit_filter(filter) else {
+        return;
+    };
     let w = Workload::spawn(&workload(), &["threads", "8"]);
     let pid = w.pid();
     let last: u64 = w.line("last").parse().unwrap();
@@ -105,6 +139,41 @@ fn threads_are_filtered_in_the_kernel() {
         forks.iter().all(|f| f["pid"] == pid),
         "thread creation is not a fork: {forks:?}"
     );
+    tracer.stop();
+}
+
+/// A process of many threads killed at once: its threads die together, several may find the
+/// group empty, and still one exit is reported.
+#[rstest]
+#[case::auto("auto")]
+#[case::group_dead("group-dead")]
+#[case::signal_live("signal-live")]
+fn threads_killed_together_make_one_exit(#[case] filter: &str) {
+    let Some(mut tracer) = tracer_with_exit_filter(filter) else {
+        return;
+    };
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        let w = Workload::spawn(&workload(), &["idle-threads", "16"]);
+        w.line("threads");
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
+        pids.push(w.pid());
+        let _ = w.finish();
+    }
+    for pid in &pids {
+        let exit = tracer.expect("exit", WAIT, |v| is(v, "exit") && v["tgid"] == *pid);
+        assert_eq!(exit["signal"], 9);
+    }
+    tracer.settle(Duration::from_millis(300));
+    for pid in pids {
+        let n = tracer
+            .seen
+            .iter()
+            .filter(|v| is(v, "exit") && v["tgid"] == pid)
+            .count();
+        assert_eq!(n, 1, "process {pid} of 17 threads reported {n} times");
+    }
     tracer.stop();
 }
 

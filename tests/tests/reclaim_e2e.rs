@@ -57,6 +57,19 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 fn enforce_reclaims_the_worker_of_a_killed_server() {
     let gpu = FakeGpu::new(DEVICE);
     let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    // With eBPF on every kernel of the matrix, not the fallback: process deaths and TCP
+    // closes come from the programs.
+    let status = reclaimctl_json(&gpu, &["status"]);
+    assert_eq!(status["probe_mode"], "ebpf", "{status}");
+    let source = |name: &str| {
+        status["capabilities"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+            .map(|c| c["source"].clone())
+    };
+    for cap in ["exit", "fork", "tcp", "owner:accept"] {
+        assert_eq!(source(cap), Some("ebpf".into()), "{cap}: {status}");
+    }
     let s = start_service(&gpu, "llm-server", 2048, &[]);
     let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");

@@ -3,6 +3,7 @@ use super::pb;
 use crate::{
     gpu::{Device, Holder, ProcessKind},
     ledger::Record,
+    probe::CapabilityStatus,
     reconcile::{Assessment, Verdict},
 };
 
@@ -30,6 +31,14 @@ pub fn record(r: &Record) -> pb::ReclaimRecord {
         time_to_reclaim_ms: res.and_then(|x| x.time_to_reclaim_ms),
         detail: res.map(|x| x.detail.clone()).unwrap_or_default(),
         resolved_time_ms: res.map(|x| x.time_ms),
+    }
+}
+
+pub fn capability(c: &CapabilityStatus) -> pb::Capability {
+    pb::Capability {
+        name: c.capability.name().to_owned(),
+        source: c.source.name().to_owned(),
+        detail: c.detail.clone(),
     }
 }
 

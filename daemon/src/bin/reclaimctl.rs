@@ -415,6 +415,17 @@ fn print_status(s: &pb::GetStatusResponse) -> Result<(), Failure> {
             s.probe_degraded_reason
         ))?;
     }
+    if !s.capabilities.is_empty() {
+        out("kernel capabilities (where each kind of event comes from):")?;
+    }
+    for c in &s.capabilities {
+        let how = if c.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.detail)
+        };
+        out(&format!("  {:<13} {}{how}", c.name, c.source))?;
+    }
     out(&format!(
         "kernel events: {} seen, {} lost; reclaim queue {}/{}",
         s.events_seen, s.events_dropped, s.queue_depth, s.queue_capacity

@@ -15,7 +15,7 @@ pub use self::{
         Device, DeviceFd, GpuMemory, Holder, HolderStatus, Inventory, NvmlStatus, ProcessKind,
     },
     nvml::{NvmlSource, ProcessEntry, Report},
-    procfs::{DeviceFiles, ProcStat, in_host_pid_namespace},
+    procfs::{DeviceFiles, LiveProc, ProcStat, fd_links, in_host_pid_namespace, process_alive},
 };
 
 pub const DEFAULT_DEVICE_GLOB: &str = "/dev/nvidia*";
@@ -154,7 +154,7 @@ pub fn join(
     }
     for holder in holders.values_mut() {
         holder.fds = fds.remove(&holder.pid).unwrap_or_default();
-        let stat = ProcStat::read(files.proc_root(), holder.pid).filter(|s| !s.is_zombie());
+        let stat = LiveProc::find(files.proc_root(), holder.pid).map(|p| p.stat);
         holder.status = match (&stat, holder.fds.is_empty()) {
             (None, _) => HolderStatus::NotInProc,
             (Some(_), true) => HolderStatus::NoDeviceFd,

@@ -49,6 +49,90 @@ impl ProcStat {
     }
 }
 
+/// A process at least one thread of which still runs (invariant 9: a process is dead when
+/// its last thread is), as /proc shows it.
+///
+/// A thread-group leader that exits before its other threads stays in /proc as `Z`, and the
+/// kernel has already dropped its files, memory and namespaces: its own `fd`, `exe` and
+/// `net` are empty or missing. Those are read through a thread that still runs instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveProc {
+    /// The leader's `stat`: the process's pid, name, parent and start time. Its state is
+    /// `Z` when the leader exited before the other threads.
+    pub stat: ProcStat,
+    /// Where the process's own files are: `/proc/<pid>`, or `/proc/<pid>/task/<tid>` of a
+    /// running thread once the leader has exited.
+    pub dir: PathBuf,
+}
+
+impl LiveProc {
+    /// The process `pid`, unless it is gone or every thread of it has exited.
+    pub fn find(proc_root: &Path, pid: u32) -> Option<Self> {
+        let stat = ProcStat::read(proc_root, pid)?;
+        let dir = proc_root.join(pid.to_string());
+        if !stat.is_zombie() {
+            return Some(Self { stat, dir });
+        }
+        let tid = running_thread(&dir, pid)?;
+        Some(Self {
+            stat,
+            dir: dir.join("task").join(tid.to_string()),
+        })
+    }
+
+    /// Whether the leader exited while other threads run on.
+    pub fn leader_exited(&self) -> bool {
+        self.stat.is_zombie()
+    }
+}
+
+/// Whether any thread of process `pid` still runs.
+pub fn process_alive(proc_root: &Path, pid: u32) -> bool {
+    LiveProc::find(proc_root, pid).is_some()
+}
+
+/// A thread of the process in `dir` other than its exited leader that has not exited.
+fn running_thread(dir: &Path, leader: u32) -> Option<u32> {
+    let tasks = dir.join("task");
+    std::fs::read_dir(&tasks)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&tid| tid != leader)
+        .find(|tid| {
+            std::fs::read_to_string(tasks.join(tid.to_string()).join("stat"))
+                .ok()
+                .and_then(|t| ProcStat::parse(&t))
+                .is_some_and(|s| !s.is_zombie())
+        })
+}
+
+/// The open files of process `pid` (fd number, link target). An empty `fd` directory may be
+/// that of a leader that exited before its threads: then they are read through a thread that
+/// still runs.
+pub fn fd_links(proc_root: &Path, pid: u32) -> Vec<(u32, PathBuf)> {
+    let links = links_in(&proc_root.join(pid.to_string()).join("fd"));
+    if !links.is_empty() {
+        return links;
+    }
+    match LiveProc::find(proc_root, pid) {
+        Some(p) if p.leader_exited() => links_in(&p.dir.join("fd")),
+        _ => links,
+    }
+}
+
+fn links_in(fd_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(fd_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, std::fs::read_link(e.path()).ok()?))
+        })
+        .collect()
+}
+
 /// Matches open files against the configured device glob (`[gpu] device_glob`).
 #[derive(Debug, Clone)]
 pub struct DeviceFiles {
@@ -80,20 +164,13 @@ impl DeviceFiles {
 
     /// Device fds of one process; empty when it holds none or is gone.
     pub fn of_pid(&self, pid: u32) -> Vec<DeviceFd> {
-        let dir = self.proc_root.join(pid.to_string()).join("fd");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        let mut fds: Vec<DeviceFd> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let fd: u32 = e.file_name().to_str()?.parse().ok()?;
-                let target = std::fs::read_link(e.path()).ok()?;
-                self.matches(&target).then(|| DeviceFd {
-                    fd,
-                    minor: minor_of(&target),
-                    path: target,
-                })
+        let mut fds: Vec<DeviceFd> = fd_links(&self.proc_root, pid)
+            .into_iter()
+            .filter(|(_, target)| self.matches(target))
+            .map(|(fd, target)| DeviceFd {
+                fd,
+                minor: minor_of(&target),
+                path: target,
             })
             .collect();
         fds.sort_by_key(|f| f.fd);

@@ -93,8 +93,8 @@ impl ProcConnector {
         })
     }
 
-    /// Waits for messages, then appends every fork of a process and every exit of a thread
-    /// group leader among them to `out`.
+    /// Waits for messages, then appends every fork of a process, and the exit of every
+    /// process whose last thread has exited, among them to `out`.
     pub async fn read_batch(&mut self, out: &mut Vec<Received>) -> io::Result<usize> {
         let before = out.len();
         let mut guard = self.fd.readable().await?;
@@ -117,7 +117,9 @@ impl ProcConnector {
             }
             let recv_ns = clock::monotonic_ns();
             for event in decode(&self.buf[..n as usize]) {
-                out.push(Received { event, recv_ns });
+                if whole_process(&event, &out[before..]) {
+                    out.push(Received { event, recv_ns });
+                }
             }
         }
     }
@@ -145,6 +147,21 @@ fn listen_message() -> Vec<u8> {
     m.extend_from_slice(&0u16.to_ne_bytes()); // flags
     m.extend_from_slice(&payload);
     m
+}
+
+/// Whether `event` is to be reported: forks always; a thread's exit only when it ended its
+/// process. The connector has no `group_dead`, and it reports every thread's exit after the
+/// thread is gone, so the last thread's report finds no thread of the group running
+/// (invariant 9); a leader that exits first finds its other threads. Several threads that
+/// die together may each find the group dead: the first report in the batch stands.
+fn whole_process(event: &KernelEvent, batch: &[Received]) -> bool {
+    let KernelEvent::Exit { tgid, .. } = event else {
+        return true;
+    };
+    !crate::gpu::process_alive(std::path::Path::new("/proc"), *tgid)
+        && !batch
+            .iter()
+            .any(|r| matches!(r.event, KernelEvent::Exit { tgid: t, .. } if t == *tgid))
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -192,11 +209,11 @@ fn proc_event(ev: &[u8]) -> Option<KernelEvent> {
             })
         }
         PROC_EVENT_EXIT => {
-            // process_pid, process_tgid, exit_code, exit_signal, parent_pid, parent_tgid
+            // process_pid, process_tgid, exit_code, exit_signal, parent_pid, parent_tgid.
+            // Every thread's exit: which one ended the process is told from /proc (see
+            // `whole_process`).
             let (pid, tgid, code) = (d(0)?, d(1)?, d(2)?);
-            // The leader's exit stands for the process's: the connector has no group_dead.
-            // A leader that exits before its threads is caught by the next sweep instead.
-            (pid == tgid).then(|| KernelEvent::Exit {
+            Some(KernelEvent::Exit {
                 ts_ns,
                 pid,
                 tgid,
@@ -228,13 +245,13 @@ mod tests {
     }
 
     #[test]
-    fn forks_of_processes_and_exits_of_leaders_only() {
+    fn forks_of_processes_and_exits_of_every_thread() {
         let mut d = message(PROC_EVENT_FORK, &[10, 10, 11, 11]);
         d.extend(message(PROC_EVENT_FORK, &[11, 11, 12, 11])); // a thread
         d.extend(message(PROC_EVENT_EXIT, &[12, 11, 0, 17, 10, 10])); // a thread
         d.extend(message(PROC_EVENT_EXIT, &[11, 11, 9, 17, 10, 10])); // SIGKILLed
         let got = decode(&d);
-        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got.len(), 3, "{got:?}");
         assert!(matches!(
             got[0],
             KernelEvent::Fork {
@@ -247,11 +264,41 @@ mod tests {
         assert!(matches!(
             got[1],
             KernelEvent::Exit {
+                pid: 12,
+                tgid: 11,
+                ..
+            }
+        ));
+        assert!(matches!(
+            got[2],
+            KernelEvent::Exit {
                 tgid: 11,
                 status: ExitStatus::Signal(9),
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_exit_counts_only_once_no_thread_of_its_process_runs() {
+        let exit = |tgid| KernelEvent::Exit {
+            ts_ns: 1,
+            pid: tgid,
+            tgid,
+            status: ExitStatus::Code(0),
+            comm: String::new(),
+        };
+        // This process runs: none of its threads' exits is its death.
+        assert!(!whole_process(&exit(std::process::id()), &[]));
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let gone = child.id();
+        child.wait().expect("wait");
+        assert!(whole_process(&exit(gone), &[]));
+        let first = Received {
+            event: exit(gone),
+            recv_ns: 2,
+        };
+        assert!(!whole_process(&exit(gone), &[first]), "reported twice");
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub enum ProbeError {
     #[error("the eBPF object has no {what} named {name} (build mismatch)")]
     Missing { what: &'static str, name: String },
 
+    #[error(
+        "no eBPF program could be loaded on this kernel ({0}); reclaimd needs Linux >= 5.8 \
+         with BTF and tracepoints"
+    )]
+    NothingLoaded(String),
+
     #[error("invalid ring buffer size {0}: must be a power of two and at least 4096 bytes")]
     RingSize(u32),
 

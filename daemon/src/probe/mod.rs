@@ -3,6 +3,7 @@
 //!
 //! Dropping a [`Probe`] detaches every program.
 mod btf;
+mod capability;
 mod connector;
 mod error;
 mod preflight;
@@ -20,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 
 pub use self::{
     btf::{Btf, BtfError},
+    capability::{Capability, CapabilityStatus, ExitFilter, Source},
     // The proc connector's datagram decoder, public so tests can feed it arbitrary bytes.
     connector::{ProcConnector, decode as decode_proc_connector},
     error::ProbeError,
@@ -27,16 +29,41 @@ pub use self::{
 };
 use crate::{clock, event::KernelEvent};
 
-/// The programs and where they attach.
-const TRACEPOINTS: [(&str, &str, &str); 6] = [
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
-    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
-    ("sock_send_length", "sock", "sock_send_length"),
-    ("sock_recv_length", "sock", "sock_recv_length"),
-];
-const RAW_TRACEPOINTS: [(&str, &str); 1] = [("sched_process_fork", "sched_process_fork")];
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy)]
+enum Attach {
+    /// A classic tracepoint: category and name.
+    Tracepoint(&'static str, &'static str),
+    /// A raw tracepoint, by name.
+    Raw(&'static str),
+}
+
+/// The programs of each capability (named as in the object) and where they attach.
+const fn programs(cap: Capability) -> &'static [(&'static str, Attach)] {
+    use Attach::{Raw, Tracepoint};
+    match cap {
+        Capability::Exit => &[(
+            "sched_process_exit",
+            Tracepoint("sched", "sched_process_exit"),
+        )],
+        Capability::Fork => &[("sched_process_fork", Raw("sched_process_fork"))],
+        Capability::Tcp => &[(
+            "inet_sock_set_state",
+            Tracepoint("sock", "inet_sock_set_state"),
+        )],
+        Capability::OwnerAccept => &[
+            (
+                "sys_exit_accept4",
+                Tracepoint("syscalls", "sys_exit_accept4"),
+            ),
+            ("sys_exit_accept", Tracepoint("syscalls", "sys_exit_accept")),
+        ],
+        Capability::OwnerIo => &[
+            ("sock_send_length", Tracepoint("sock", "sock_send_length")),
+            ("sock_recv_length", Tracepoint("sock", "sock_recv_length")),
+        ],
+    }
+}
 
 /// Default ring buffer: 1 MiB holds about ten thousand events in flight.
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -49,6 +76,8 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// The kernel's BTF, for structure offsets.
     pub btf_path: PathBuf,
+    /// How process deaths are told from thread exits.
+    pub exit_filter: ExitFilter,
 }
 
 impl Default for ProbeOptions {
@@ -57,6 +86,7 @@ impl Default for ProbeOptions {
             watched_ports: Vec::new(),
             ring_bytes: DEFAULT_RING_BYTES,
             btf_path: PathBuf::from(DEFAULT_BTF_PATH),
+            exit_filter: ExitFilter::Auto,
         }
     }
 }
@@ -73,6 +103,10 @@ pub struct Probe {
     drops: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u16, u8>,
     malformed: u64,
+    /// Capabilities whose programs are attached, with how they run.
+    attached: Vec<(Capability, String)>,
+    /// Capabilities this kernel cannot give, with why.
+    missing: Vec<(Capability, String)>,
     // Last: dropping it detaches the programs after the maps above are released.
     _ebpf: Ebpf,
 }
@@ -80,7 +114,8 @@ pub struct Probe {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reclaimd-ebpf"));
 
 impl Probe {
-    /// Checks the host, loads and attaches every program. Must run inside a tokio runtime.
+    /// Checks the host, then loads and attaches the programs of every capability this kernel
+    /// can give; fails only when none of them loads. Must run inside a tokio runtime.
     pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
         preflight::check_privileges()?;
         if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < 4096 {
@@ -92,64 +127,44 @@ impl Probe {
             });
         }
         let tracefs = preflight::tracefs_root()?;
-        let group_dead = preflight::check_formats(&tracefs)?;
         let kernel_btf = Btf::from_file(&opts.btf_path)?;
-        let offsets = preflight::kernel_offsets(&kernel_btf, group_dead)?;
-        tracing::debug!(?offsets, "kernel structure offsets");
+        let plan = preflight::plan(&tracefs, &kernel_btf, opts.exit_filter);
+        tracing::debug!(offsets = ?plan.offsets, "kernel structure offsets");
+        if plan.ready.is_empty() {
+            return Err(ProbeError::NothingLoaded(list(&plan.missing)));
+        }
         raise_memlock_limit();
 
         let aya_btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default())
             .map_err(|e| ProbeError::Load(e.into()))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
-            .override_global(names::OFFSETS, &offsets, true)
+            .override_global(names::OFFSETS, &plan.offsets, true)
             .map_max_entries(names::EVENTS, opts.ring_bytes)
             .load(OBJECT)?;
         start_program_logs(&mut ebpf);
 
         let mut watched: HashMap<MapData, u16, u8> =
-            HashMap::try_from(take_map(&mut ebpf, names::WATCHED_PORTS)?).map_err(|source| {
-                ProbeError::Map {
-                    map: names::WATCHED_PORTS,
-                    source,
-                }
-            })?;
+            HashMap::try_from(take_map(&mut ebpf, names::WATCHED_PORTS)?)
+                .map_err(map_error(names::WATCHED_PORTS))?;
         for port in &opts.watched_ports {
             watched
                 .insert(port, 1, 0)
-                .map_err(|source| ProbeError::Map {
-                    map: names::WATCHED_PORTS,
-                    source,
-                })?;
+                .map_err(map_error(names::WATCHED_PORTS))?;
         }
-        let drops =
-            PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?).map_err(|source| {
-                ProbeError::Map {
-                    map: names::DROPS,
-                    source,
-                }
-            })?;
-        let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?).map_err(|source| {
-            ProbeError::Map {
-                map: names::EVENTS,
-                source,
-            }
-        })?;
+        let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
+            .map_err(map_error(names::DROPS))?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
+            .map_err(map_error(names::EVENTS))?;
         let ring = readable(ring)?;
 
-        for (prog, category, name) in TRACEPOINTS {
-            let p: &mut TracePoint = program(&mut ebpf, prog)?;
-            p.load().map_err(|e| load_error(prog, e))?;
-            p.attach(category, name)
-                .map_err(|e| attach_error(prog, e))?;
-        }
-        for (prog, name) in RAW_TRACEPOINTS {
-            let p: &mut RawTracePoint = program(&mut ebpf, prog)?;
-            p.load().map_err(|e| load_error(prog, e))?;
-            p.attach(name).map_err(|e| attach_error(prog, e))?;
+        let (attached, missing) = attach_all(&mut ebpf, plan)?;
+        for (cap, why) in &missing {
+            tracing::warn!(capability = cap.name(), reason = %why,
+                "kernel capability unavailable: made up for without eBPF");
         }
         tracing::info!(
-            programs = TRACEPOINTS.len() + RAW_TRACEPOINTS.len(),
+            capabilities = %attached.iter().map(|(c, _)| c.name()).collect::<Vec<_>>().join(","),
             ring_bytes = opts.ring_bytes,
             watched_ports = ?opts.watched_ports,
             "eBPF programs attached"
@@ -159,8 +174,20 @@ impl Probe {
             drops,
             watched,
             malformed: 0,
+            attached,
+            missing,
             _ebpf: ebpf,
         })
+    }
+
+    /// Capabilities whose programs run in the kernel, with how (e.g. the exit filter).
+    pub fn attached(&self) -> &[(Capability, String)] {
+        &self.attached
+    }
+
+    /// Capabilities this kernel could not give, with why.
+    pub fn missing(&self) -> &[(Capability, String)] {
+        &self.missing
     }
 
     /// Waits until events are ready, then appends every available one to `out`. Returns how
@@ -201,10 +228,91 @@ impl Probe {
     pub fn watch_port(&mut self, port: u16) -> Result<(), ProbeError> {
         self.watched
             .insert(port, 1, 0)
-            .map_err(|source| ProbeError::Map {
-                map: names::WATCHED_PORTS,
-                source,
-            })
+            .map_err(map_error(names::WATCHED_PORTS))
+    }
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { map, source }
+}
+
+/// `cap: why; cap: why`.
+fn list(missing: &[(Capability, String)]) -> String {
+    missing
+        .iter()
+        .map(|(c, why)| format!("{}: {why}", c.name()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Loads and attaches the programs of each capability the plan found ready. A capability
+/// whose program the kernel refuses is left out whole (its other programs detached), and so
+/// are the owner capabilities when tcp is left out. Fails when nothing is attached.
+#[allow(clippy::type_complexity)]
+fn attach_all(
+    ebpf: &mut Ebpf,
+    plan: preflight::Plan,
+) -> Result<(Vec<(Capability, String)>, Vec<(Capability, String)>), ProbeError> {
+    let mut attached = Vec::new();
+    let mut missing = plan.missing;
+    for (cap, detail) in plan.ready {
+        let needs_tcp = matches!(cap, Capability::OwnerAccept | Capability::OwnerIo);
+        if needs_tcp && !attached.iter().any(|(c, _)| *c == Capability::Tcp) {
+            missing.push((cap, "needs the tcp capability".to_owned()));
+            continue;
+        }
+        match attach(ebpf, cap) {
+            Ok(()) => attached.push((cap, detail)),
+            Err(e) => missing.push((cap, e.to_string())),
+        }
+    }
+    missing.sort_by_key(|(c, _)| *c);
+    if attached.is_empty() {
+        return Err(ProbeError::NothingLoaded(list(&missing)));
+    }
+    Ok((attached, missing))
+}
+
+/// Loads and attaches every program of `cap`; on a failure, unloads those already loaded.
+fn attach(ebpf: &mut Ebpf, cap: Capability) -> Result<(), ProbeError> {
+    let progs = programs(cap);
+    for (i, (prog, at)) in progs.iter().enumerate() {
+        if let Err(e) = attach_one(ebpf, prog, *at) {
+            for (done, at) in &progs[..i] {
+                unload(ebpf, done, *at);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn attach_one(ebpf: &mut Ebpf, prog: &str, at: Attach) -> Result<(), ProbeError> {
+    match at {
+        Attach::Tracepoint(category, name) => {
+            let p: &mut TracePoint = program(ebpf, prog)?;
+            p.load().map_err(|e| load_error(prog, e))?;
+            p.attach(category, name)
+                .map_err(|e| attach_error(prog, e))?;
+        }
+        Attach::Raw(name) => {
+            let p: &mut RawTracePoint = program(ebpf, prog)?;
+            p.load().map_err(|e| load_error(prog, e))?;
+            p.attach(name).map_err(|e| attach_error(prog, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn unload(ebpf: &mut Ebpf, prog: &str, at: Attach) {
+    let unloaded = match at {
+        Attach::Tracepoint(..) => program::<TracePoint>(ebpf, prog).map(|p| p.unload()),
+        Attach::Raw(_) => program::<RawTracePoint>(ebpf, prog).map(|p| p.unload()),
+    };
+    match unloaded {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(program = prog, %error, "could not unload program"),
+        Err(error) => tracing::warn!(program = prog, %error, "could not unload program"),
     }
 }
 

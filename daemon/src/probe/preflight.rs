@@ -5,9 +5,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use reclaimd_common::KernelOffsets;
+use reclaimd_common::{KernelOffsets, exit_filter, layout};
 
-use super::{ProbeError, btf::Btf};
+use super::{
+    ProbeError,
+    btf::Btf,
+    capability::{Capability, ExitFilter},
+};
 
 /// Capability bits from `linux/capability.h`.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -149,64 +153,147 @@ impl Format {
     }
 }
 
-/// Checks the records the programs read at fixed offsets, and returns what varies by kernel.
-pub fn check_formats(tracefs: &Path) -> Result<u32, ProbeError> {
-    let set_state = Format::read(
+/// What this kernel offers each capability: the structure offsets for the programs, and per
+/// capability either how it will run (a detail, often empty) or why it cannot.
+pub struct Plan {
+    pub offsets: KernelOffsets,
+    pub ready: Vec<(Capability, String)>,
+    pub missing: Vec<(Capability, String)>,
+}
+
+/// Checks, capability by capability, the tracepoints, record layouts and structure members
+/// its programs use. Nothing is loaded here; a capability that fails a check is left out.
+pub fn plan(tracefs: &Path, btf: &Btf, filter: ExitFilter) -> Plan {
+    let mut offsets = KernelOffsets::zeroed();
+    offsets.valid = 1;
+    let mut plan = Plan {
+        offsets,
+        ready: Vec::new(),
+        missing: Vec::new(),
+    };
+    for cap in Capability::ALL {
+        let checked = match cap {
+            Capability::Exit => exit(tracefs, btf, filter, &mut plan.offsets),
+            Capability::Fork => fork(btf, &mut plan.offsets),
+            Capability::Tcp => tcp(tracefs),
+            Capability::OwnerAccept => {
+                after_tcp(&plan).and_then(|()| accept(tracefs, btf, &mut plan.offsets))
+            }
+            Capability::OwnerIo => after_tcp(&plan).and_then(|()| io(tracefs)),
+        };
+        match checked {
+            Ok(detail) => plan.ready.push((cap, detail)),
+            Err(why) => plan.missing.push((cap, why)),
+        }
+    }
+    plan
+}
+
+/// The owner programs only act on sockets the TCP program tracks.
+fn after_tcp(plan: &Plan) -> Result<(), String> {
+    if plan.ready.iter().any(|(c, _)| *c == Capability::Tcp) {
+        Ok(())
+    } else {
+        Err("needs the tcp capability".to_owned())
+    }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn exit(
+    tracefs: &Path,
+    btf: &Btf,
+    filter: ExitFilter,
+    o: &mut KernelOffsets,
+) -> Result<String, String> {
+    let format =
+        Format::read(tracefs, "sched", "sched_process_exit", "process deaths").map_err(text)?;
+    o.task_exit_code = btf
+        .member_offset("task_struct", "exit_code")
+        .map_err(text)?;
+    let group_dead = format.offset("group_dead");
+    match (filter, group_dead) {
+        (ExitFilter::Auto | ExitFilter::GroupDead, Some(at)) => {
+            o.exit_filter = exit_filter::GROUP_DEAD;
+            o.exit_group_dead = at;
+            Ok("group_dead".to_owned())
+        }
+        (ExitFilter::GroupDead, None) => {
+            Err("sched/sched_process_exit has no group_dead field (added in Linux 6.16)".to_owned())
+        }
+        (ExitFilter::Auto | ExitFilter::SignalLive, _) => {
+            o.task_signal = btf.member_offset("task_struct", "signal").map_err(text)?;
+            o.signal_live = btf.member_offset("signal_struct", "live").map_err(text)?;
+            o.task_group_leader = btf
+                .member_offset("task_struct", "group_leader")
+                .map_err(text)?;
+            o.task_start_time = btf
+                .member_offset("task_struct", "start_time")
+                .map_err(text)?;
+            o.exit_filter = exit_filter::SIGNAL_LIVE;
+            Ok("signal->live".to_owned())
+        }
+    }
+}
+
+fn fork(btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
+    o.task_pid = btf.member_offset("task_struct", "pid").map_err(text)?;
+    o.task_tgid = btf.member_offset("task_struct", "tgid").map_err(text)?;
+    o.task_real_parent = btf
+        .member_offset("task_struct", "real_parent")
+        .map_err(text)?;
+    Ok(String::new())
+}
+
+fn tcp(tracefs: &Path) -> Result<String, String> {
+    let f = Format::read(
         tracefs,
         "sock",
         "inet_sock_set_state",
         "TCP session tracking",
-    )?;
-    for (field, off) in [
-        ("skaddr", 8),
-        ("oldstate", 16),
-        ("newstate", 20),
-        ("sport", 24),
-        ("dport", 26),
-        ("family", 28),
-        ("protocol", 30),
-        ("saddr", 32),
-        ("daddr", 36),
-        ("saddr_v6", 40),
-        ("daddr_v6", 56),
-    ] {
-        set_state.expect("sock/inet_sock_set_state", field, off)?;
+    )
+    .map_err(text)?;
+    for (field, off) in layout::set_state::FIELDS {
+        f.expect("sock/inet_sock_set_state", field, off)
+            .map_err(text)?;
     }
-    for name in ["sock_send_length", "sock_recv_length"] {
-        Format::read(tracefs, "sock", name, "learning socket owners")?.expect(
-            "sock/sock_{send,recv}_length",
-            "sk",
-            8,
-        )?;
-    }
-    for name in ["sys_exit_accept4", "sys_exit_accept"] {
-        Format::read(tracefs, "syscalls", name, "learning socket owners")?.expect(
-            "syscalls/sys_exit_accept*",
-            "ret",
-            16,
-        )?;
-    }
-    let exit = Format::read(tracefs, "sched", "sched_process_exit", "process deaths")?;
-    // Linux < 6.16 has no group_dead: 0 tells the program to count leader exits instead.
-    Ok(exit.offset("group_dead").unwrap_or(0))
+    Ok(String::new())
 }
 
-/// Kernel structure offsets for the programs, from the kernel's BTF.
-pub fn kernel_offsets(btf: &Btf, exit_group_dead: u32) -> Result<KernelOffsets, ProbeError> {
-    Ok(KernelOffsets {
-        valid: 1,
-        task_pid: btf.member_offset("task_struct", "pid")?,
-        task_tgid: btf.member_offset("task_struct", "tgid")?,
-        task_exit_code: btf.member_offset("task_struct", "exit_code")?,
-        task_real_parent: btf.member_offset("task_struct", "real_parent")?,
-        task_files: btf.member_offset("task_struct", "files")?,
-        files_fdt: btf.member_offset("files_struct", "fdt")?,
-        fdtable_max_fds: btf.member_offset("fdtable", "max_fds")?,
-        fdtable_fd: btf.member_offset("fdtable", "fd")?,
-        file_private_data: btf.member_offset("file", "private_data")?,
-        socket_sk: btf.member_offset("socket", "sk")?,
-        exit_group_dead,
-    })
+fn accept(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
+    for name in ["sys_exit_accept4", "sys_exit_accept"] {
+        Format::read(
+            tracefs,
+            "syscalls",
+            name,
+            "learning socket owners at accept",
+        )
+        .and_then(|f| f.expect("syscalls/sys_exit_accept*", "ret", layout::SYS_EXIT_RET))
+        .map_err(text)?;
+    }
+    o.task_files = btf.member_offset("task_struct", "files").map_err(text)?;
+    o.files_fdt = btf.member_offset("files_struct", "fdt").map_err(text)?;
+    o.fdtable_max_fds = btf.member_offset("fdtable", "max_fds").map_err(text)?;
+    o.fdtable_fd = btf.member_offset("fdtable", "fd").map_err(text)?;
+    o.file_private_data = btf.member_offset("file", "private_data").map_err(text)?;
+    o.socket_sk = btf.member_offset("socket", "sk").map_err(text)?;
+    Ok(String::new())
+}
+
+fn io(tracefs: &Path) -> Result<String, String> {
+    for name in ["sock_send_length", "sock_recv_length"] {
+        Format::read(
+            tracefs,
+            "sock",
+            name,
+            "learning socket owners from their I/O (added in Linux 6.3)",
+        )
+        .and_then(|f| f.expect("sock/sock_{send,recv}_length", "sk", layout::SOCK_LENGTH_SK))
+        .map_err(text)?;
+    }
+    Ok(String::new())
 }
 
 #[cfg(test)]

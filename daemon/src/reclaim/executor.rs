@@ -20,7 +20,7 @@ use super::{
 use crate::{
     clock,
     config::Config,
-    gpu::{GpuInventory, Inventory, NvmlStatus, ProcStat},
+    gpu::{GpuInventory, Inventory, LiveProc, NvmlStatus},
     ledger::{Action, Decision, Ledger, Outcome, Resolution},
     model::ProcId,
     reconcile::Assessment,
@@ -139,8 +139,10 @@ fn pin(id: ProcId) -> Result<OwnedFd, PinError> {
         rustix::io::Errno::SRCH => PinError::Gone,
         e => PinError::Other(e.into()),
     })?;
-    match ProcStat::read(std::path::Path::new("/proc"), id.pid) {
-        Some(s) if s.start_time == id.start_time && !s.is_zombie() => Ok(fd),
+    // A leader that exited before its threads is a live process (invariant 9): the signal
+    // through the pidfd reaches the threads that run.
+    match LiveProc::find(std::path::Path::new("/proc"), id.pid) {
+        Some(p) if p.stat.start_time == id.start_time => Ok(fd),
         _ => Err(PinError::Gone),
     }
 }

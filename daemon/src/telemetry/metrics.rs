@@ -81,6 +81,7 @@ pub struct Metrics {
     spans_exported: Counter<u64>,
     spans_dropped: Counter<u64>,
     probe_mode: Gauge<u64>,
+    probe_capability: Gauge<u64>,
     ledger_errors: Counter<u64>,
 }
 
@@ -207,6 +208,11 @@ impl Metrics {
                 "reclaimd_probe_mode",
                 "1 for the event source in use: ebpf, or degraded proc-connector / proc-sweep",
             ),
+            probe_capability: gauge(
+                "reclaimd_probe_capability",
+                "1 for where each kernel capability's events come from: ebpf, or \
+                 proc-connector / proc-sweep / snapshot where this kernel lacks its programs",
+            ),
             ledger_errors: counter(
                 "reclaimd_ledger_errors",
                 "Decisions the ledger could not record (nothing was done; retried)",
@@ -244,6 +250,21 @@ impl Metrics {
         for m in ["ebpf", "proc-connector", "proc-sweep"] {
             self.probe_mode
                 .record(u64::from(m == mode), &[KeyValue::new("mode", m)]);
+        }
+    }
+
+    /// Each capability with every source (1 for the one in use, 0 for the others).
+    pub fn capabilities(&self, caps: &[crate::probe::CapabilityStatus]) {
+        for c in caps {
+            for source in crate::probe::Source::ALL {
+                self.probe_capability.record(
+                    u64::from(source == c.source),
+                    &[
+                        KeyValue::new("capability", c.capability.name()),
+                        KeyValue::new("source", source.name()),
+                    ],
+                );
+            }
         }
     }
 

@@ -20,7 +20,7 @@
 //! `nvmlDeviceGetMigDeviceHandleByIndex`); `proc` and `unattributed` lines name an instance as
 //! `<device_index>:<instance>`, and a MIG parent's used memory includes its instances'.
 //!
-//! A `proc` line is reported only while `/proc/<pid>` exists and the process is not a zombie,
+//! A `proc` line is reported only while `/proc/<pid>` exists and a thread of it runs,
 //! as the driver frees memory when a process's device files close. Device used memory is the
 //! reported processes' memory plus `unattributed` (with `while <pid>`, only while that process
 //! lives: memory a driver keeps for a holder it does not list, e.g. a child that inherited
@@ -264,19 +264,27 @@ fn state() -> State {
     }
 }
 
-/// Like the driver: memory is reported only for processes that are alive.
+/// Like the driver: memory is reported only for processes that are alive, that is while any
+/// of their threads runs (a leader that exited before its threads shows as `Z`).
 fn alive(pid: u32) -> bool {
+    let running = |stat: &str| {
+        // The state follows the command, which is in parentheses and may contain anything.
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X")
+    };
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    // The state follows the command, which is in parentheses and may contain anything.
-    match stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-    {
-        Some(s) => s != "Z" && s != "X",
-        None => false,
+    if running(&stat) {
+        return true;
     }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .filter_map(|e| e.ok())
+        .any(|e| std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| running(&s)))
 }
 
 impl State {

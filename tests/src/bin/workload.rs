@@ -18,6 +18,15 @@ fn set_comm(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
 }
 
+/// Ends the calling thread only, as a main thread's `pthread_exit` does: the raw exit
+/// syscall (pthread_exit would unwind through Rust's main and abort). The process lives on
+/// while another thread does.
+fn exit_this_thread() -> ! {
+    // SAFETY: nothing on this thread is used afterwards.
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+    unreachable!("SYS_exit returned");
+}
+
 fn wait_for_stdin() {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
@@ -187,11 +196,25 @@ fn main() {
                 say(&format!("thread {t}"));
             }
             drop(last); // detached: the process ends when it returns
-            // The raw exit syscall ends only this thread (pthread_exit would unwind through
-            // Rust's main and abort); the detached thread keeps the process alive.
-            // SAFETY: nothing on this thread is used afterwards.
-            unsafe { libc::syscall(libc::SYS_exit, 0) };
-            unreachable!("SYS_exit returned");
+            exit_this_thread();
+        }
+        // idle-threads N: N threads besides the main one, all blocked; prints "threads N" once
+        // they run, then waits for stdin (or a signal).
+        "idle-threads" => {
+            let n: usize = arg(&args, 2, "count").parse().expect("count");
+            let (tx, rx) = std::sync::mpsc::channel();
+            for _ in 0..n {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(());
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                });
+            }
+            let started = rx.iter().take(n).count();
+            say(&format!("threads {started}"));
+            wait_for_stdin();
         }
         // flood N: N children that exit at once; prints each child's pid.
         "flood" => {
@@ -324,6 +347,48 @@ fn main() {
                 _ => panic!("fork: {}", std::io::Error::last_os_error()),
             }
             wait_for_stdin();
+        }
+        // leader-exit-server NAME DEVICE [worker-too]: a service process named NAME that forks
+        // a worker (comm "gpu-worker") holding DEVICE, which prints "worker <pid>". At its
+        // first stdin line the server's main thread exits on its own (it shows as `Z` in
+        // /proc) while another thread keeps serving: the process lives on; it prints
+        // "leader exited" just before. With `worker-too`, the worker's main thread exits the
+        // same way at once, another of its threads holding DEVICE. Both live until killed.
+        "leader-exit-server" => {
+            let name = arg(&args, 2, "name");
+            let device = arg(&args, 3, "device");
+            let worker_too = args.iter().any(|a| a == "worker-too");
+            set_comm(&name);
+            // SAFETY: single-threaded here; the child only opens a file, starts a thread and
+            // sleeps.
+            match unsafe { libc::fork() } {
+                0 => {
+                    set_comm("gpu-worker");
+                    let file = std::fs::File::open(&device)
+                        .unwrap_or_else(|e| panic!("open {device}: {e}"));
+                    let holder = std::thread::spawn(move || {
+                        let _held = file;
+                        loop {
+                            std::thread::sleep(Duration::from_secs(3600));
+                        }
+                    });
+                    say(&format!("worker {}", std::process::id()));
+                    if worker_too {
+                        exit_this_thread();
+                    }
+                    let _ = holder.join();
+                }
+                child if child > 0 => {}
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+            let _serving = std::thread::spawn(|| {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            });
+            wait_for_stdin();
+            say("leader exited");
+            exit_this_thread();
         }
         // conn-server NAME ADDR DEVICE: a service named NAME that accepts connections and
         // forks a worker per connection holding the connection and DEVICE; prints
