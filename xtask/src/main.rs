@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set up, build, run and test reclaimd")]
 struct Cli {
@@ -39,11 +41,23 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Setup, lint (rustfmt, clippy), build, then every test: unit tests and the root-only
-    /// kernel integration tests, which load the real programs into this kernel.
+    /// kernel integration tests, which load the real programs into this kernel; then the
+    /// kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels booted in VMs (QEMU, virtme-ng),
+    /// each running the kernel-event, reclaim end-to-end and thread-group tests.
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// The kernels to test on, comma-separated: `host` (this machine's kernel: every
+        /// test) and any of 5.10, 6.1, 6.12 (in a VM: the kernel tests). For example
+        /// `--kernels 6.1` runs the 6.1 VM alone.
+        #[arg(long, value_delimiter = ',', default_value = "host,5.10,6.1,6.12",
+              value_parser = ["host", "5.10", "6.1", "6.12"])]
+        kernels: Vec<String>,
+        /// Run the VMs with KVM instead of TCG (software emulation, the default: nested KVM
+        /// is unusable on many CI machines).
+        #[arg(long)]
+        kvm: bool,
     },
     /// rustfmt check and clippy with warnings denied, the eBPF crate included.
     Lint,
@@ -125,13 +139,30 @@ fn main() -> Result<()> {
             build(&root, release)?;
             run(&root, release, args)
         }
-        Cmd::Test { no_lint } => {
+        Cmd::Test {
+            no_lint,
+            kernels,
+            kvm,
+        } => {
             setup(&root)?;
+            let vms: Vec<&vm::Kernel> = kernels.iter().filter_map(|k| vm::kernel(k)).collect();
+            if !vms.is_empty() {
+                vm::setup()?;
+            }
             if !no_lint {
                 lint(&root)?;
             }
             build(&root, false)?;
-            test()
+            let host = if kernels.iter().any(|k| k == "host") {
+                Some(test())
+            } else {
+                None
+            };
+            let matrix = matrix(&root, &vms, kvm);
+            if let Some(host) = host {
+                host?;
+            }
+            matrix
         }
         Cmd::Lint => {
             setup(&root)?;
@@ -292,7 +323,11 @@ fn python_packages() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    step(&format!("pip install {}", PYTHON_PACKAGES.join(" ")));
+    pip_install(PYTHON_PACKAGES)
+}
+
+fn pip_install(packages: &[&str]) -> Result<()> {
+    step(&format!("pip install {}", packages.join(" ")));
     run_cmd(
         Command::new("python3")
             .args([
@@ -305,7 +340,7 @@ fn python_packages() -> Result<()> {
             // Debian's own python refuses global installs unless told; pyenv's ignores this.
             .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .env("PIP_ROOT_USER_ACTION", "ignore")
-            .args(PYTHON_PACKAGES),
+            .args(packages),
     )
 }
 
@@ -583,6 +618,46 @@ fn test() -> Result<()> {
     }
     if totals.passed == 0 {
         bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Runs the kernel tests in a VM per kernel of `vms`, one after the other (TCG takes both
+/// cores), and sums up; fails when any kernel failed.
+fn matrix(root: &Path, vms: &[&vm::Kernel], kvm: bool) -> Result<()> {
+    if vms.is_empty() {
+        return Ok(());
+    }
+    let binaries = vm::test_binaries()?;
+    let mut summary = Vec::new();
+    let mut failed = Vec::new();
+    for k in vms {
+        let outcome = vm::image(root, k).and_then(|image| vm::run(root, k, &image, &binaries, kvm));
+        match outcome {
+            Ok(o) => {
+                summary.push(format!(
+                    "xtask: kernel {} ({}): {} passed, {} failed in {:.0} s",
+                    k.name,
+                    if kvm { "KVM" } else { "TCG" },
+                    o.totals.passed,
+                    o.totals.failed,
+                    o.took.as_secs_f64()
+                ));
+                if !o.ok {
+                    failed.push(k.name);
+                }
+            }
+            Err(e) => {
+                summary.push(format!("xtask: kernel {}: could not run: {e:#}", k.name));
+                failed.push(k.name);
+            }
+        }
+    }
+    for line in &summary {
+        println!("{line}");
+    }
+    if !failed.is_empty() {
+        bail!("kernel tests failed on {}", failed.join(", "));
     }
     Ok(())
 }
