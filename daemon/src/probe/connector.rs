@@ -3,6 +3,7 @@
 //! CAP_NET_ADMIN before Linux 6.6); it says nothing about sockets (the /proc sweep covers
 //! those).
 use std::{
+    collections::HashSet,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
@@ -37,6 +38,7 @@ pub struct ProcConnector {
     buf: Vec<u8>,
     /// Overruns seen (ENOBUFS): each one lost an unknown number of events.
     overruns: u64,
+    deaths: GroupDeaths,
 }
 
 impl ProcConnector {
@@ -90,6 +92,7 @@ impl ProcConnector {
             fd: super::readable(fd)?,
             buf: vec![0; 64 * 1024],
             overruns: 0,
+            deaths: GroupDeaths::default(),
         })
     }
 
@@ -117,7 +120,7 @@ impl ProcConnector {
             }
             let recv_ns = clock::monotonic_ns();
             for event in decode(&self.buf[..n as usize]) {
-                if whole_process(&event, &out[before..]) {
+                if self.deaths.is_death(&event, &out[before..]) {
                     out.push(Received { event, recv_ns });
                 }
             }
@@ -149,19 +152,47 @@ fn listen_message() -> Vec<u8> {
     m
 }
 
-/// Whether `event` is to be reported: forks always; a thread's exit only when it ended its
-/// process. The connector has no `group_dead`, and it reports every thread's exit after the
-/// thread is gone, so the last thread's report finds no thread of the group running
-/// (invariant 9); a leader that exits first finds its other threads. Several threads that
-/// die together may each find the group dead: the first report in the batch stands.
-fn whole_process(event: &KernelEvent, batch: &[Received]) -> bool {
-    let KernelEvent::Exit { tgid, .. } = event else {
-        return true;
-    };
-    !crate::gpu::process_alive(std::path::Path::new("/proc"), *tgid)
-        && !batch
+/// Tells the exits of whole processes among the connector's thread exits. The connector has
+/// no `group_dead`, and it reports every thread's exit after the thread is gone, so the last
+/// thread's report finds no thread of its group running in /proc (invariant 9), while a
+/// leader that exits first finds its other threads.
+#[derive(Debug, Default)]
+struct GroupDeaths {
+    /// Processes whose leader exited before their other threads: only their threads' exits
+    /// can end them, so only those are looked up in /proc (thread churn elsewhere costs none).
+    leaders_gone: HashSet<u32>,
+}
+
+/// A bound on `leaders_gone`: a death lost in an overrun leaves its entry behind.
+const LEADERS_GONE_MAX: usize = 4096;
+
+impl GroupDeaths {
+    /// Whether `event` is to be reported: forks always; a thread's exit only when it ended
+    /// its process. Several threads that die together may each find the group dead: the
+    /// first report in the batch stands.
+    fn is_death(&mut self, event: &KernelEvent, batch: &[Received]) -> bool {
+        let KernelEvent::Exit { pid, tgid, .. } = event else {
+            return true;
+        };
+        if pid != tgid && !self.leaders_gone.contains(tgid) {
+            return false; // the leader runs: a thread came and went
+        }
+        let proc_root = std::path::Path::new("/proc");
+        if crate::gpu::process_alive(proc_root, *tgid) {
+            if pid == tgid {
+                if self.leaders_gone.len() >= LEADERS_GONE_MAX {
+                    self.leaders_gone
+                        .retain(|t| crate::gpu::process_alive(proc_root, *t));
+                }
+                self.leaders_gone.insert(*tgid);
+            }
+            return false;
+        }
+        self.leaders_gone.remove(tgid);
+        !batch
             .iter()
             .any(|r| matches!(r.event, KernelEvent::Exit { tgid: t, .. } if t == *tgid))
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -211,7 +242,7 @@ fn proc_event(ev: &[u8]) -> Option<KernelEvent> {
         PROC_EVENT_EXIT => {
             // process_pid, process_tgid, exit_code, exit_signal, parent_pid, parent_tgid.
             // Every thread's exit: which one ended the process is told from /proc (see
-            // `whole_process`).
+            // `GroupDeaths`).
             let (pid, tgid, code) = (d(0)?, d(1)?, d(2)?);
             Some(KernelEvent::Exit {
                 ts_ns,
@@ -280,25 +311,37 @@ mod tests {
     }
 
     #[test]
-    fn an_exit_counts_only_once_no_thread_of_its_process_runs() {
-        let exit = |tgid| KernelEvent::Exit {
+    fn an_exit_counts_once_no_thread_of_its_process_runs() {
+        let exit = |pid, tgid| KernelEvent::Exit {
             ts_ns: 1,
-            pid: tgid,
+            pid,
             tgid,
             status: ExitStatus::Code(0),
             comm: String::new(),
         };
-        // This process runs: none of its threads' exits is its death.
-        assert!(!whole_process(&exit(std::process::id()), &[]));
+        let mut deaths = GroupDeaths::default();
+        let me = std::process::id();
+        // This process runs: neither its leader's nor a thread's exit is its death.
+        assert!(!deaths.is_death(&exit(me, me), &[]));
+        assert!(
+            deaths.leaders_gone.contains(&me),
+            "watched for its last thread"
+        );
+        assert!(!deaths.is_death(&exit(me + 1, me), &[]));
         let mut child = std::process::Command::new("true").spawn().expect("spawn");
         let gone = child.id();
         child.wait().expect("wait");
-        assert!(whole_process(&exit(gone), &[]));
+        // A thread of a process whose leader was never seen exiting: not looked at.
+        assert!(!deaths.is_death(&exit(gone + 1, gone), &[]));
+        assert!(deaths.is_death(&exit(gone, gone), &[]));
         let first = Received {
-            event: exit(gone),
+            event: exit(gone, gone),
             recv_ns: 2,
         };
-        assert!(!whole_process(&exit(gone), &[first]), "reported twice");
+        assert!(
+            !deaths.is_death(&exit(gone, gone), &[first]),
+            "reported twice"
+        );
     }
 
     #[test]
