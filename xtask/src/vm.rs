@@ -242,7 +242,10 @@ pub fn run(
     let out = root.join("target/vm/run").join(k.name);
     std::fs::create_dir_all(&out)?;
     let script = out.join("guest.sh");
-    std::fs::write(&script, guest_script(binaries))?;
+    std::fs::write(
+        &script,
+        guest_script(&root.join("target/debug/reclaimd"), binaries),
+    )?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     step(&format!(
@@ -325,8 +328,9 @@ fn printable(line: &str) -> Option<String> {
 }
 
 /// The guest's script: a tmpfs for the tests' files (SQLite's WAL cannot map its index on
-/// the guest's 9p root), then each test binary, one test at a time.
-fn guest_script(binaries: &[PathBuf]) -> String {
+/// the guest's 9p root), the capabilities `reclaimd trace` finds (its ready line), then each
+/// test binary, one test at a time.
+fn guest_script(reclaimd: &Path, binaries: &[PathBuf]) -> String {
     let mut s = String::from(
         "#!/bin/sh\n\
          # Written by cargo xtask test: runs inside the VM.\n\
@@ -337,6 +341,10 @@ fn guest_script(binaries: &[PathBuf]) -> String {
          echo \"xtask: guest kernel $(uname -r)\"\n\
          rc=0\n",
     );
+    s.push_str(&format!(
+        "echo \"xtask: capabilities $(timeout -s INT 20 {} trace --json 2>/dev/null | head -n 1)\"\n",
+        reclaimd.display()
+    ));
     for b in binaries {
         s.push_str(&format!(
             "echo \"xtask: {b}\"\n{b} --test-threads=1 --show-output || rc=1\n",
