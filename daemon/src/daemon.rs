@@ -616,10 +616,11 @@ impl Core {
     /// A job for the executor, with the facts read now: exe, cgroup, trace parent.
     fn job(&self, a: Assessment, manual: Option<Manual>) -> Job {
         let pid = a.id.pid;
+        let facts = scan::facts(&self.proc_root, pid);
         Job {
             parent: self.session_context(&a),
-            exe: scan::exe_of(&self.proc_root, pid),
-            cgroup: scan::cgroup_of(&self.proc_root, pid).unwrap_or_default(),
+            exe: facts.as_ref().and_then(|f| f.exe.clone()),
+            cgroup: facts.and_then(|f| f.cgroup).unwrap_or_default(),
             pod: self.pods.borrow_mut().pod_of(&self.proc_root, pid),
             assessment: a,
             manual,

@@ -11,12 +11,8 @@ use crate::{
     model::{ConnKey, ProcFacts},
 };
 
-/// The process's cgroup v2 path (`0::/path`), or the first hierarchy's path on v1.
-pub fn cgroup_of(proc_root: &Path, pid: u32) -> Option<String> {
-    cgroup_in(&LiveProc::find(proc_root, pid)?.dir)
-}
-
-/// The cgroup path in `dir/cgroup` (a process's or a thread's /proc directory).
+/// The cgroup v2 path (`0::/path`) in `dir/cgroup` (a process's or a thread's /proc
+/// directory), or the first hierarchy's path on v1.
 fn cgroup_in(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("cgroup")).ok()?;
     let line = text
@@ -24,11 +20,6 @@ fn cgroup_in(dir: &Path) -> Option<String> {
         .find(|l| l.starts_with("0::"))
         .or_else(|| text.lines().next())?;
     Some(line.splitn(3, ':').nth(2)?.to_owned())
-}
-
-/// The executable of a live process.
-pub fn exe_of(proc_root: &Path, pid: u32) -> Option<PathBuf> {
-    std::fs::read_link(LiveProc::find(proc_root, pid)?.dir.join("exe")).ok()
 }
 
 /// Facts of a process any thread of which runs (a leader that exited first is no death:
