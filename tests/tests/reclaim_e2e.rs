@@ -121,7 +121,7 @@ fn a_child_holding_an_inherited_handle_is_reclaimed_not_its_dead_creator() {
     let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
     let s = start_service(&gpu, "llm-server", 1024, &["inherit"]);
     let server_pid = s.server.pid();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(&gpu, &[s.worker]);
     // From here the driver lists no one (the creator is dying; the child is not mapped),
     // and the memory stays held through the worker's inherited fd until it exits.
     gpu.set_state(&format!(
@@ -171,7 +171,7 @@ fn a_worker_that_lets_go_by_itself_is_released_not_reclaimed() {
     let gpu = FakeGpu::new(DEVICE);
     let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"3s\"", LLM);
     let s = start_service(&gpu, "llm-server", 256, &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(&gpu, &[s.worker]);
     kill(s.server.pid());
     let worker = s.worker;
     // Only a holder the daemon saw orphaned-in-waiting can be recorded as letting go: on a
@@ -245,7 +245,7 @@ fn the_breaker_trips_on_a_flood() {
         .map(|s| format!("proc 0 {} 64 compute\n", s.worker))
         .collect();
     gpu.set_state(&format!("{DEVICE}\n{state}"));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(&gpu, &services.iter().map(|s| s.worker).collect::<Vec<_>>());
     for s in &services {
         kill(s.server.pid());
     }
@@ -283,7 +283,7 @@ fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
         LLM,
     );
     let s = start_service(&gpu, "llm-server", 256, &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_bound(&gpu, &[s.worker]);
     // With the daemon stopped, a flood fills the 4 KiB ring; the server's exit comes after
     // it, so the kernel must drop that event: only the resync can see this death.
     // SAFETY: signalling the daemon this test started.
@@ -352,7 +352,7 @@ fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
         leave,
         w_leave,
     } = TwoConnections::open(&gpu, DEVICE, &workload(), "api-server", &addr);
-    std::thread::sleep(Duration::from_millis(400));
+    wait_until_bound(&gpu, &[w_stay, w_leave]);
     drop(leave);
     let r = wait_for_record(&d.ledger, w_leave, WAIT);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
