@@ -261,27 +261,104 @@ pub mod tcp_state {
 
     /// The kernel's name for a state, as `ss` and tcplife print it.
     pub const fn name(state: u8) -> &'static str {
-        match state {
-            ESTABLISHED => "ESTABLISHED",
-            SYN_SENT => "SYN_SENT",
-            SYN_RECV => "SYN_RECV",
-            FIN_WAIT1 => "FIN_WAIT1",
-            FIN_WAIT2 => "FIN_WAIT2",
-            TIME_WAIT => "TIME_WAIT",
-            CLOSE => "CLOSE",
-            CLOSE_WAIT => "CLOSE_WAIT",
-            LAST_ACK => "LAST_ACK",
-            LISTEN => "LISTEN",
-            CLOSING => "CLOSING",
-            NEW_SYN_RECV => "NEW_SYN_RECV",
-            _ => "UNKNOWN",
-        }
+        super::TcpState::from_raw(state).name()
     }
 
     /// States entered only through the owning process's own syscalls, so the current task
     /// in the tracepoint is the owner (connect, listen, close/shutdown).
     pub const fn entered_by_owner(state: u8) -> bool {
         matches!(state, SYN_SENT | LISTEN | FIN_WAIT1 | LAST_ACK)
+    }
+}
+
+/// A TCP state as user space handles it. `Other` keeps a number this list does not know (a
+/// newer kernel's), so nothing read from the kernel is lost or misnamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    Other(u8),
+}
+
+/// A state equals the kernel's number for it (what raw records and `/proc/net/tcp` hold).
+impl PartialEq<u8> for TcpState {
+    fn eq(&self, other: &u8) -> bool {
+        self.raw() == *other
+    }
+}
+
+impl TcpState {
+    pub const fn from_raw(state: u8) -> Self {
+        use tcp_state::*;
+        match state {
+            ESTABLISHED => Self::Established,
+            SYN_SENT => Self::SynSent,
+            SYN_RECV => Self::SynRecv,
+            FIN_WAIT1 => Self::FinWait1,
+            FIN_WAIT2 => Self::FinWait2,
+            TIME_WAIT => Self::TimeWait,
+            CLOSE => Self::Close,
+            CLOSE_WAIT => Self::CloseWait,
+            LAST_ACK => Self::LastAck,
+            LISTEN => Self::Listen,
+            CLOSING => Self::Closing,
+            NEW_SYN_RECV => Self::NewSynRecv,
+            n => Self::Other(n),
+        }
+    }
+
+    /// The kernel's number for the state.
+    pub const fn raw(self) -> u8 {
+        use tcp_state::*;
+        match self {
+            Self::Established => ESTABLISHED,
+            Self::SynSent => SYN_SENT,
+            Self::SynRecv => SYN_RECV,
+            Self::FinWait1 => FIN_WAIT1,
+            Self::FinWait2 => FIN_WAIT2,
+            Self::TimeWait => TIME_WAIT,
+            Self::Close => CLOSE,
+            Self::CloseWait => CLOSE_WAIT,
+            Self::LastAck => LAST_ACK,
+            Self::Listen => LISTEN,
+            Self::Closing => CLOSING,
+            Self::NewSynRecv => NEW_SYN_RECV,
+            Self::Other(n) => n,
+        }
+    }
+
+    /// The kernel's name, as `ss` and tcplife print it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "ESTABLISHED",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::FinWait1 => "FIN_WAIT1",
+            Self::FinWait2 => "FIN_WAIT2",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::NewSynRecv => "NEW_SYN_RECV",
+            Self::Other(_) => "UNKNOWN",
+        }
+    }
+
+    /// Whether a connection in this state is a live session (open, or being opened).
+    pub const fn is_open(self) -> bool {
+        matches!(self, Self::Established | Self::SynRecv)
     }
 }
 

@@ -24,3 +24,34 @@ pub fn wall_ms(mono_ns: u64) -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One reading of both clocks: what the engine is told the time is, so that it reads none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// CLOCK_MONOTONIC ns, the kernel events' clock.
+    pub mono: u64,
+    /// Unix ms, the ledger's and the API's clock.
+    pub wall_ms: i64,
+}
+
+impl Now {
+    pub fn read() -> Self {
+        Self {
+            mono: monotonic_ns(),
+            wall_ms: unix_ms(),
+        }
+    }
+
+    /// The Unix ms of an earlier CLOCK_MONOTONIC instant.
+    pub fn wall_ms_of(&self, mono: u64) -> i64 {
+        self.wall_ms - (self.mono.saturating_sub(mono) / 1_000_000) as i64
+    }
+}

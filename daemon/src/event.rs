@@ -1,7 +1,7 @@
 //! Typed kernel events, decoded from the ring buffer's raw `reclaimd_common::Event` records.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use reclaimd_common::{AF_INET, AF_INET6, COMM_LEN, Event, EventKind, OwnerSource, tcp_state};
+use reclaimd_common::{AF_INET, AF_INET6, COMM_LEN, Event, EventKind, OwnerSource, TcpState};
 use serde_json::{Value, json};
 use thiserror::Error;
 
@@ -58,6 +58,16 @@ pub struct Socket {
     pub remote: Endpoint,
 }
 
+impl Socket {
+    /// The connection's 4-tuple, which names its session.
+    pub fn conn_key(&self) -> crate::ids::ConnKey {
+        crate::ids::ConnKey {
+            local: std::net::SocketAddr::new(self.local.addr, self.local.port),
+            remote: std::net::SocketAddr::new(self.remote.addr, self.remote.port),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
     Fork {
@@ -77,8 +87,8 @@ pub enum KernelEvent {
     Tcp {
         ts_ns: u64,
         socket: Socket,
-        old_state: u8,
-        new_state: u8,
+        old_state: TcpState,
+        new_state: TcpState,
         /// 0 while the owner is unknown.
         owner_tgid: u32,
         owner_comm: String,
@@ -156,8 +166,8 @@ impl KernelEvent {
             EventKind::Tcp => Self::Tcp {
                 ts_ns: ev.ts_ns,
                 socket: socket(&ev)?,
-                old_state: ev.old_state,
-                new_state: ev.new_state,
+                old_state: TcpState::from_raw(ev.old_state),
+                new_state: TcpState::from_raw(ev.new_state),
                 owner_tgid: ev.owner_tgid,
                 owner_comm: comm(&ev.comm),
             },
@@ -225,8 +235,8 @@ impl KernelEvent {
                 ..
             } => {
                 let mut v = socket_json(socket, *owner_tgid, *owner_tgid, owner_comm);
-                v["old_state"] = json!(tcp_state::name(*old_state));
-                v["new_state"] = json!(tcp_state::name(*new_state));
+                v["old_state"] = json!(old_state.name());
+                v["new_state"] = json!(new_state.name());
                 v
             }
             Self::Owner {
@@ -277,8 +287,8 @@ impl KernelEvent {
                 "{secs:>14.6} tcp   {owner_tgid:>7} {owner_comm:<16} {} -> {} {} -> {}",
                 socket.local,
                 socket.remote,
-                tcp_state::name(*old_state),
-                tcp_state::name(*new_state)
+                old_state.name(),
+                new_state.name()
             ),
             Self::Owner {
                 socket,
@@ -376,8 +386,8 @@ mod tests {
         ev.daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
         ev.sport = 8000;
         ev.dport = 40000;
-        ev.old_state = tcp_state::ESTABLISHED;
-        ev.new_state = tcp_state::CLOSE_WAIT;
+        ev.old_state = reclaimd_common::tcp_state::ESTABLISHED;
+        ev.new_state = reclaimd_common::tcp_state::CLOSE_WAIT;
         ev.owner_tgid = 77;
         ev.sock = 0xffff_8880_dead_beef;
         let j = KernelEvent::decode(&raw(&ev)).unwrap().to_json(0);

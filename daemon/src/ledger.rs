@@ -15,6 +15,8 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+pub use crate::record::{ALL_OUTCOMES, Action, Decision, Lineage, Outcome, Record, Resolution};
+
 pub const DEFAULT_LEDGER_PATH: &str = "/var/lib/reclaimd/ledger.db";
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have been.
@@ -95,75 +97,6 @@ pub enum LedgerError {
     Sqlite(#[from] rusqlite::Error),
 }
 
-/// What was decided about a holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Reclaim,
-    Skip,
-    /// Nothing to do: the holder let go of the GPU by itself after its session died.
-    None,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Reclaim => "reclaim",
-            Action::Skip => "skip",
-            Action::None => "none",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Action> {
-        match s {
-            "reclaim" => Some(Action::Reclaim),
-            "skip" => Some(Action::Skip),
-            "none" => Some(Action::None),
-            _ => None,
-        }
-    }
-}
-
-/// How it ended. "pending" until an outcome is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Pending,
-    Reclaimed,
-    Released,
-    Failed,
-    Skipped,
-    /// The daemon died between decision and outcome; see [`Ledger::recover_interrupted`].
-    Interrupted,
-}
-
-const ALL_OUTCOMES: [Outcome; 6] = [
-    Outcome::Pending,
-    Outcome::Reclaimed,
-    Outcome::Released,
-    Outcome::Failed,
-    Outcome::Skipped,
-    Outcome::Interrupted,
-];
-
-impl Outcome {
-    /// The text stored in the ledger (and shown to users); the same as the serde name.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Pending => "pending",
-            Outcome::Reclaimed => "reclaimed",
-            Outcome::Released => "released",
-            Outcome::Failed => "failed",
-            Outcome::Skipped => "skipped",
-            Outcome::Interrupted => "interrupted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Outcome> {
-        ALL_OUTCOMES.into_iter().find(|o| o.as_str() == s)
-    }
-}
-
 impl ToSql for Action {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(ToSqlOutput::from(self.as_str()))
@@ -191,58 +124,6 @@ impl FromSql for Outcome {
     }
 }
 
-/// A decision, written before any action.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Decision {
-    /// Unix ms, when decided.
-    pub time_ms: i64,
-    pub service: String,
-    /// "process" | "connection" | "manual".
-    pub session_kind: String,
-    /// E.g. "pid:1234@5678" or "sock:0xffff...:10.0.0.1:8000->10.0.0.2:5555".
-    pub session_key: String,
-    /// E.g. "exit code 0", "signal 9", "peer closed (CLOSE_WAIT)".
-    pub death_cause: String,
-    /// Unix ms of the session's death, if known.
-    pub death_time_ms: Option<i64>,
-    pub pid: u32,
-    /// Process start time in clock ticks since boot: together with `pid`, names one process
-    /// even after the pid is reused.
-    pub start_time: u64,
-    pub comm: String,
-    pub cgroup: String,
-    /// "" if none; several joined by ",".
-    pub gpu_uuid: String,
-    /// GPU memory held when decided; None = unknown.
-    pub bytes: Option<u64>,
-    pub action: Action,
-    /// Why: "orphaned past grace 10s", "report mode", "protected", "rate limited", ...
-    pub reason: String,
-}
-
-/// The result of an action, written after it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Resolution {
-    pub outcome: Outcome,
-    pub bytes_freed: Option<u64>,
-    /// Death -> verified, when known.
-    pub time_to_reclaim_ms: Option<i64>,
-    /// E.g. "SIGTERM; exited after 120 ms; NVML no longer lists it".
-    pub detail: String,
-    /// Unix ms, when resolved.
-    pub time_ms: i64,
-}
-
-/// One row as stored.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Record {
-    pub id: i64,
-    pub decision: Decision,
-    pub outcome: Outcome,
-    /// None while pending.
-    pub resolution: Option<Resolution>,
-}
-
 /// Filters for [`Ledger::query`]; all optional. Times filter on the decision time, as the
 /// half-open range `[since_ms, until_ms)` so adjacent windows neither overlap nor leave gaps.
 /// Results come newest first (by id); `before_id` is the paging cursor (rows with
@@ -256,17 +137,6 @@ pub struct Query {
     pub pid: Option<u32>,
     pub before_id: Option<i64>,
     pub limit: Option<u32>,
-}
-
-/// A holder's binding to its session root, remembered so a restarted daemon still knows who
-/// spawned a holder after its parent died (the kernel reparents it, /proc forgets).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lineage {
-    pub pid: u32,
-    pub start_time: u64,
-    pub service: String,
-    pub root_pid: u32,
-    pub root_start_time: u64,
 }
 
 pub struct Ledger {
@@ -504,6 +374,15 @@ impl Ledger {
         Ok(stmt
             .query_row(params![pid, u64_to_sql(start_time)], lineage_from_row)
             .optional()?)
+    }
+
+    /// Every lineage remembered: what a starting daemon restores its bindings from.
+    pub fn lineages(&self) -> Result<Vec<Lineage>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT pid, start_time, service, root_pid, root_start_time FROM lineage",
+        )?;
+        let rows = stmt.query_map([], lineage_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn forget_lineage(&self, pid: u32, start_time: u64) -> Result<(), LedgerError> {

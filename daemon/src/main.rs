@@ -174,7 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            runtime.block_on(reclaimd::daemon::run(cfg))?;
+            runtime.block_on(reclaimd::runtime::run(cfg))?;
         }
         Command::Trace {
             json,

@@ -9,11 +9,10 @@
 //! connection-scoped services, to the connections whose sockets it holds.
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
     path::PathBuf,
 };
 
-use reclaimd_common::tcp_state;
+use reclaimd_common::TcpState;
 use serde::Serialize;
 
 use crate::{
@@ -23,12 +22,7 @@ use crate::{
 
 pub type Ns = u64;
 
-/// A process across pid reuse: its pid and start time (clock ticks since boot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct ProcId {
-    pub pid: u32,
-    pub start_time: u64,
-}
+pub use crate::ids::{ConnKey, ProcId, SessionKey, SessionKind};
 
 /// What /proc says about a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,17 +63,11 @@ pub struct Death {
     pub cause: String,
 }
 
-/// A connection session, keyed by its 4-tuple (unique while the connection exists).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct ConnKey {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-impl std::fmt::Display for ConnKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}->{}", self.local, self.remote)
-    }
+/// A TCP socket as `/proc/net/tcp{,6}` lists it: its connection and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub key: ConnKey,
+    pub state: TcpState,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,8 +90,8 @@ pub struct Binding {
 /// A session a holder is bound to, and whether it lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BoundSession {
-    pub kind: &'static str,
-    pub key: String,
+    pub kind: SessionKind,
+    pub key: SessionKey,
     pub death: Option<Death>,
     /// When the session was first seen (CLOCK_MONOTONIC ns), if known.
     pub seen: Option<Ns>,
@@ -123,8 +111,8 @@ fn death_of(e: Exited) -> Death {
 /// A session as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
-    pub kind: &'static str,
-    pub key: String,
+    pub kind: SessionKind,
+    pub key: SessionKey,
     pub service: String,
     pub death: Option<Death>,
     /// The process session's root, or the connection's owner (0 until known).
@@ -236,21 +224,25 @@ impl Model {
                 continue;
             }
             out.push(SessionInfo {
-                kind: "process",
-                key: format!("pid:{pid}@{start_time}"),
+                kind: SessionKind::Process,
+                key: SessionKey::Process(ProcId {
+                    pid: *pid,
+                    start_time,
+                }),
                 service: service.name.clone(),
                 death: p.exited.map(death_of),
                 pid: *pid,
             });
         }
         out.extend(self.conns.values().map(|c| SessionInfo {
-            kind: "connection",
-            key: c.key.to_string(),
+            kind: SessionKind::Connection,
+            key: SessionKey::Connection(c.key.clone()),
             service: c.service.clone(),
             death: c.death.clone(),
             pid: c.owner_tgid,
         }));
-        out.sort_by(|a, b| a.key.cmp(&b.key));
+        // The order the API has always listed them in: by the keys as written.
+        out.sort_by_cached_key(|s| s.key.to_string());
         out
     }
 
@@ -325,10 +317,7 @@ impl Model {
             } => self.apply_tcp(
                 *ts_ns,
                 socket.sock,
-                ConnKey {
-                    local: SocketAddr::new(socket.local.addr, socket.local.port),
-                    remote: SocketAddr::new(socket.remote.addr, socket.remote.port),
-                },
+                socket.conn_key(),
                 *old_state,
                 *new_state,
                 *owner_tgid,
@@ -344,11 +333,19 @@ impl Model {
         }
     }
 
-    fn apply_tcp(&mut self, ts: Ns, sock: u64, key: ConnKey, old: u8, new: u8, owner: u32) -> bool {
+    fn apply_tcp(
+        &mut self,
+        ts: Ns,
+        sock: u64,
+        key: ConnKey,
+        old: TcpState,
+        new: TcpState,
+        owner: u32,
+    ) -> bool {
         let Some(service) = service_of_port(&self.services, key.local.port()) else {
             return false;
         };
-        if new == tcp_state::LISTEN || old == tcp_state::LISTEN {
+        if new == TcpState::Listen || old == TcpState::Listen {
             return false; // the listener, or a half-open request: not a session yet
         }
         let name = service.name.clone();
@@ -364,11 +361,11 @@ impl Model {
             conn.owner_tgid = owner;
         }
         self.socks.insert(sock, key);
-        if conn.death.is_none() && new != tcp_state::ESTABLISHED && new != tcp_state::SYN_RECV {
+        if conn.death.is_none() && !new.is_open() {
             let cause = match new {
-                tcp_state::CLOSE_WAIT => "peer closed (CLOSE_WAIT)".to_owned(),
-                tcp_state::CLOSE => "reset or closed (CLOSE)".to_owned(),
-                s => format!("closed locally ({})", tcp_state::name(s)),
+                TcpState::CloseWait => "peer closed (CLOSE_WAIT)".to_owned(),
+                TcpState::Close => "reset or closed (CLOSE)".to_owned(),
+                s => format!("closed locally ({})", s.name()),
             };
             conn.death = Some(Death { at: ts, cause });
             return true;
@@ -377,11 +374,11 @@ impl Model {
     }
 
     /// Records a connection found in /proc/net/tcp (at start-up or resync).
-    pub fn observe_conn(&mut self, key: ConnKey, state: u8, now: Ns) {
+    pub fn observe_conn(&mut self, key: ConnKey, state: TcpState, now: Ns) {
         let Some(service) = service_of_port(&self.services, key.local.port()) else {
             return;
         };
-        let dead = !matches!(state, tcp_state::ESTABLISHED | tcp_state::SYN_RECV);
+        let dead = !state.is_open();
         let name = service.name.clone();
         let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
             key,
@@ -394,7 +391,7 @@ impl Model {
         if dead && conn.death.is_none() {
             conn.death = Some(Death {
                 at: now,
-                cause: format!("found {}", tcp_state::name(state)),
+                cause: format!("found {}", state.name()),
             });
         }
     }
@@ -574,8 +571,8 @@ impl Model {
                 .filter_map(|k| self.conns.get(k))
                 .filter(|c| c.service == binding.service)
                 .map(|c| BoundSession {
-                    kind: "connection",
-                    key: c.key.to_string(),
+                    kind: SessionKind::Connection,
+                    key: SessionKey::Connection(c.key.clone()),
                     death: c.death.clone(),
                     seen: Some(c.opened_at),
                 })
@@ -591,8 +588,8 @@ impl Model {
             .filter(|p| p.start_time == Some(binding.root.start_time))
             .map(|p| p.since);
         vec![BoundSession {
-            kind: "process",
-            key: format!("pid:{}@{}", binding.root.pid, binding.root.start_time),
+            kind: SessionKind::Process,
+            key: SessionKey::Process(binding.root),
             death,
             seen,
         }]
@@ -820,8 +817,8 @@ mod tests {
                     port: cport,
                 },
             },
-            old_state: old,
-            new_state: new,
+            old_state: TcpState::from_raw(old),
+            new_state: TcpState::from_raw(new),
             owner_tgid: owner,
             owner_comm: String::new(),
         }
@@ -836,7 +833,7 @@ mod tests {
 
     #[test]
     fn connections_die_on_peer_close_and_bind_their_holders() {
-        use tcp_state::*;
+        use reclaimd_common::tcp_state::*;
         let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
         m.observe_procs(&[facts(10, 1, 2, "server"), facts(11, 10, 3, "server")], 1);
         assert!(!m.apply(&tcp(0xa, 5000, CLOSE, LISTEN, 10, 2)));
@@ -890,7 +887,7 @@ mod tests {
 
     #[test]
     fn a_connection_missing_from_a_full_scan_is_dead() {
-        use tcp_state::*;
+        use reclaimd_common::tcp_state::*;
         let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
         m.apply(&tcp(0xb, 5001, SYN_RECV, ESTABLISHED, 0, 3));
         m.apply(&tcp(0xc, 5002, SYN_RECV, ESTABLISHED, 0, 3));
@@ -908,7 +905,7 @@ mod tests {
 
     #[test]
     fn memory_stays_flat_as_sessions_come_and_go() {
-        use tcp_state::*;
+        use reclaimd_common::tcp_state::*;
         let mut m = Model::new(vec![svc("llm", "server", Scope::Connection, vec![8000])]);
         m.observe_procs(&[facts(10, 1, 2, "server")], 0);
         let mut t: Ns = 1;

@@ -3,6 +3,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use serde::Serialize;
+use strum::{EnumIter, EnumString, IntoStaticStr, VariantNames};
 
 use crate::{
     config::Config,
@@ -42,26 +43,47 @@ pub struct Assessment {
     pub verdict: Verdict,
 }
 
-impl Verdict {
+/// A verdict without its data: what the API filters on and metrics label with. The one
+/// place verdicts are named.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumIter, EnumString, VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum VerdictKind {
+    Live,
+    Pending,
+    Orphan,
+    Unmanaged,
+    Untrusted,
+    Exiting,
+}
+
+impl VerdictKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
     /// Every verdict's name, as the API and metrics spell them.
-    pub const NAMES: [&'static str; 6] = [
-        "live",
-        "pending",
-        "orphan",
-        "unmanaged",
-        "untrusted",
-        "exiting",
-    ];
+    pub const NAMES: &'static [&'static str] = <Self as strum::VariantNames>::VARIANTS;
+}
+
+impl Verdict {
+    /// Every verdict's name (those of [`VerdictKind`]).
+    pub const NAMES: &'static [&'static str] = VerdictKind::NAMES;
+
+    pub fn kind(&self) -> VerdictKind {
+        match self {
+            Verdict::Live => VerdictKind::Live,
+            Verdict::Pending { .. } => VerdictKind::Pending,
+            Verdict::Orphan => VerdictKind::Orphan,
+            Verdict::Unmanaged => VerdictKind::Unmanaged,
+            Verdict::Untrusted => VerdictKind::Untrusted,
+            Verdict::Exiting => VerdictKind::Exiting,
+        }
+    }
 
     pub fn as_str(&self) -> &'static str {
-        match self {
-            Verdict::Live => "live",
-            Verdict::Pending { .. } => "pending",
-            Verdict::Orphan => "orphan",
-            Verdict::Unmanaged => "unmanaged",
-            Verdict::Untrusted => "untrusted",
-            Verdict::Exiting => "exiting",
-        }
+        self.kind().as_str()
     }
 }
 

@@ -6,6 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use reclaimd_common::TcpState;
+
 use crate::{
     gpu::{LiveProc, ProcStat, fd_links},
     model::{ConnKey, ProcFacts},
@@ -62,12 +64,7 @@ pub fn socket_inodes(proc_root: &Path, pid: u32) -> Vec<u64> {
         .collect()
 }
 
-/// A TCP socket from `/proc/net/tcp{,6}`: its connection and state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpSocket {
-    pub key: ConnKey,
-    pub state: u8,
-}
+pub use crate::model::TcpSocket;
 
 /// Every TCP socket of this network namespace, by inode.
 pub fn tcp_sockets(proc_root: &Path) -> HashMap<u64, TcpSocket> {
@@ -112,7 +109,7 @@ fn parse_tcp_line(line: &str, v6: bool) -> Option<(u64, TcpSocket)> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let local = parse_endpoint(f.get(1)?, v6)?;
     let remote = parse_endpoint(f.get(2)?, v6)?;
-    let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+    let state = TcpState::from_raw(u8::from_str_radix(f.get(3)?, 16).ok()?);
     let inode = f.get(9)?.parse().ok()?;
     Some((
         inode,
@@ -184,13 +181,13 @@ mod tests {
         let v4 = "   0: 0100007F:1F40 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 20 4 30 10 -1";
         let (inode, s) = parse_tcp_line(v4, false).unwrap();
         assert_eq!(inode, 123456);
-        assert_eq!(s.state, 1);
+        assert_eq!(s.state, TcpState::Established);
         assert_eq!(s.key.local, "127.0.0.1:8000".parse().unwrap());
         assert_eq!(s.key.remote, "127.0.0.1:50000".parse().unwrap());
         let v6 = "   0: 00000000000000000000000001000000:1F40 00000000000000000000000001000000:C350 08 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1";
         let (inode, s) = parse_tcp_line(v6, true).unwrap();
         assert_eq!(inode, 777);
-        assert_eq!(s.state, 8);
+        assert_eq!(s.state, TcpState::CloseWait);
         assert_eq!(s.key.local, "[::1]:8000".parse().unwrap());
         assert!(parse_tcp_line("garbage", false).is_none());
     }

@@ -1,17 +1,15 @@
 //! The executor's last-moment checks, driven directly with real processes, the real pidfd
 //! path and the fake NVML: a recycled pid and a holder that let go of its device file are
 //! never signalled; the right process is. Root only (pidfd_open on other users' processes).
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use reclaimd::{
     clock,
     config::Config,
     gpu::{GpuInventory, GpuOptions},
     ledger::{Ledger, Outcome},
-    model::{BoundSession, Death, ProcId},
+    ledger_writer::LedgerWriter,
+    model::{BoundSession, Death, ProcId, SessionKind},
     reclaim::{Executor, Job, Untouchable},
     reconcile::{Assessment, Verdict},
 };
@@ -47,7 +45,7 @@ fn setup() -> Setup {
     .expect("inventory");
     let executor = Executor::new(
         Arc::new(cfg),
-        Arc::new(Mutex::new(ledger)),
+        LedgerWriter::spawn(ledger).expect("ledger thread").0,
         inv,
         Untouchable {
             pids: [std::process::id()].into_iter().collect(),
@@ -84,8 +82,8 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
             holder,
             service: Some("llm".to_owned()),
             sessions: vec![BoundSession {
-                kind: "process",
-                key: "pid:1@1".to_owned(),
+                kind: SessionKind::Process,
+                key: "pid:1@1".parse().expect("session key"),
                 death: Some(death.clone()),
                 seen: None,
             }],

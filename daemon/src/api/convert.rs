@@ -1,10 +1,14 @@
-//! Daemon types → API messages.
+//! Domain types → API messages: the one place that knows both.
 use super::pb;
 use crate::{
-    gpu::{Device, Holder, ProcessKind},
+    clock,
+    engine::{DomainEvent, Published},
+    gpu::{Device, NvmlStatus, ProcessKind},
     ledger::Record,
+    model::SessionInfo,
     probe::CapabilityStatus,
-    reconcile::{Assessment, Verdict},
+    reconcile::Verdict,
+    runtime::request::{HolderView, StatusView},
 };
 
 pub fn record(r: &Record) -> pb::ReclaimRecord {
@@ -64,8 +68,9 @@ fn kind(k: ProcessKind) -> &'static str {
     }
 }
 
-pub fn holder(h: &Holder, a: Option<&Assessment>, pod: Option<crate::kube::PodRef>) -> pb::Holder {
-    let pod = pod.unwrap_or_default();
+pub fn holder(v: &HolderView) -> pb::Holder {
+    let (h, a) = (&v.holder, v.assessment.as_ref());
+    let pod = v.pod.clone().unwrap_or_default();
     pb::Holder {
         pid: h.pid,
         comm: h.comm.clone().unwrap_or_default(),
@@ -81,7 +86,7 @@ pub fn holder(h: &Holder, a: Option<&Assessment>, pod: Option<crate::kube::PodRe
             _ => 0,
         },
         session_keys: a
-            .map(|a| a.sessions.iter().map(|s| s.key.clone()).collect())
+            .map(|a| a.sessions.iter().map(|s| s.key.to_string()).collect())
             .unwrap_or_default(),
         memory: h
             .memory
@@ -96,5 +101,96 @@ pub fn holder(h: &Holder, a: Option<&Assessment>, pod: Option<crate::kube::PodRe
         k8s_namespace: pod.namespace,
         k8s_pod: pod.pod,
         k8s_container: pod.container,
+    }
+}
+
+pub fn status(v: &StatusView) -> pb::GetStatusResponse {
+    let (nvml_available, nvml_reason, driver_version) = match v.inventory.as_ref().map(|i| &i.nvml)
+    {
+        Some(NvmlStatus::Available { driver_version }) => {
+            (true, String::new(), driver_version.clone())
+        }
+        Some(NvmlStatus::Unavailable { reason }) => (false, reason.clone(), String::new()),
+        None => (false, "no inventory taken yet".to_owned(), String::new()),
+    };
+    pb::GetStatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: v.uptime_seconds,
+        probe_mode: v.probe_mode.to_owned(),
+        probe_degraded_reason: v.probe_degraded.clone().unwrap_or_default(),
+        capabilities: v.capabilities.iter().map(capability).collect(),
+        ledger_error: v.ledger_error.clone().unwrap_or_default(),
+        events_seen: v.events_seen,
+        events_dropped: v.events_dropped,
+        policy_mode: if v.enforce { "enforce" } else { "report" }.to_owned(),
+        breaker_tripped: v.breaker_tripped,
+        queue_depth: v.queue_depth as u32,
+        queue_capacity: v.queue_capacity as u32,
+        nvml_available,
+        nvml_reason,
+        driver_version,
+        devices: v
+            .inventory
+            .iter()
+            .flat_map(|i| i.devices.iter())
+            .map(|(d, orphaned)| device(d, *orphaned))
+            .collect(),
+        inventory_time_ms: v.inventory.as_ref().map_or(0, |i| i.time_ms),
+    }
+}
+
+pub fn session(s: &SessionInfo) -> pb::Session {
+    pb::Session {
+        kind: s.kind.as_str().to_owned(),
+        key: s.key.to_string(),
+        service: s.service.clone(),
+        dead: s.death.is_some(),
+        death_cause: s
+            .death
+            .as_ref()
+            .map(|d| d.cause.clone())
+            .unwrap_or_default(),
+        death_time_ms: s.death.as_ref().map(|d| clock::wall_ms(d.at)),
+        pid: s.pid,
+    }
+}
+
+pub fn event(p: &Published) -> pb::Event {
+    use pb::event::Kind;
+    let kind = match &p.event {
+        DomainEvent::SessionDied {
+            key,
+            service,
+            death,
+            death_time_ms,
+        } => Kind::SessionDied(pb::SessionDied {
+            session: Some(pb::Session {
+                kind: key.kind().as_str().to_owned(),
+                key: key.to_string(),
+                service: service.clone(),
+                dead: true,
+                death_cause: death.cause.clone(),
+                death_time_ms: Some(*death_time_ms),
+                pid: 0,
+            }),
+        }),
+        DomainEvent::VerdictChanged {
+            pid,
+            service,
+            verdict,
+            bytes,
+        } => Kind::Verdict(pb::VerdictChanged {
+            pid: *pid,
+            service: service.clone(),
+            verdict: verdict.as_str().to_owned(),
+            bytes: *bytes,
+        }),
+        DomainEvent::Reclaim(r) => Kind::Reclaim(pb::ReclaimDone {
+            record: Some(record(r)),
+        }),
+    };
+    pb::Event {
+        time_ms: p.time_ms,
+        kind: Some(kind),
     }
 }

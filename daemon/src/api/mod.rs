@@ -15,7 +15,7 @@ use std::{
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use self::service::{CoreRequest, ManualReclaim, ReclaimdService};
+pub use self::service::{CoreRequest, ReclaimdService};
 use crate::config::ApiConfig;
 
 pub mod pb {

@@ -1,11 +1,10 @@
 //! The `reclaimd.v1.Reclaimd` service. Reads that need the daemon's live state are asked of
 //! the daemon's core through a channel (it owns that state); ledger reads go to the ledger.
-use std::{
-    pin::Pin,
-    sync::{Arc, Mutex},
-};
+use std::pin::Pin;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub use crate::runtime::request::CoreRequest;
 use tokio_stream::{
     Stream, StreamExt as _,
     wrappers::{BroadcastStream, errors::BroadcastStreamRecvError},
@@ -13,38 +12,18 @@ use tokio_stream::{
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use super::{access::Access, convert, pb};
-use crate::ledger::{Action, Decision, Ledger, Outcome, Query};
-
-/// What the API asks of the daemon's core.
-pub enum CoreRequest {
-    Status(oneshot::Sender<pb::GetStatusResponse>),
-    Sessions(
-        pb::ListSessionsRequest,
-        oneshot::Sender<pb::ListSessionsResponse>,
-    ),
-    Holders(
-        pb::ListHoldersRequest,
-        oneshot::Sender<pb::ListHoldersResponse>,
-    ),
-    Reclaim(ManualReclaim, oneshot::Sender<Result<Vec<i64>, Status>>),
-}
-
-/// A checked manual reclaim request.
-#[derive(Debug, Clone)]
-pub struct ManualReclaim {
-    /// A holder's pid, or (when 0) every holder of `session_key`.
-    pub pid: u32,
-    pub session_key: String,
-    pub dry_run: bool,
-    pub reason: String,
-    pub uid: u32,
-}
+use crate::{
+    engine::{Manual, ManualError, ManualRequest, Published, Target},
+    ledger::{Action, Decision, Ledger, Outcome, Query},
+    ledger_writer::LedgerWriter,
+    runtime::request::{HolderFilter, SessionFilter},
+};
 
 #[derive(Clone)]
 pub struct ReclaimdService {
     pub core: mpsc::Sender<CoreRequest>,
-    pub events: broadcast::Sender<pb::Event>,
-    pub ledger: Arc<Mutex<Ledger>>,
+    pub events: broadcast::Sender<Published>,
+    pub ledger: LedgerWriter,
     pub access: Access,
 }
 
@@ -68,15 +47,21 @@ impl ReclaimdService {
         &self,
         f: impl FnOnce(&Ledger) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
     ) -> Result<T, Status> {
-        let ledger = self.ledger.clone();
-        tokio::task::spawn_blocking(move || {
-            let l = ledger
-                .lock()
-                .map_err(|_| Status::internal("ledger lock poisoned"))?;
-            f(&l).map_err(|e| Status::internal(format!("ledger: {e}")))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("ledger task: {e}")))?
+        self.ledger
+            .ask(f)
+            .await
+            .map_err(|e| Status::internal(format!("ledger: {e}")))
+    }
+}
+
+/// A manual reclaim the engine could not order, as the API reports it.
+fn manual_status(e: ManualError) -> Status {
+    let text = e.to_string();
+    match e {
+        ManualError::NotFound(_) => Status::not_found(text),
+        ManualError::Busy(_) => Status::failed_precondition(text),
+        ManualError::QueueFull => Status::resource_exhausted(text),
+        ManualError::Unrecorded(_) => Status::unavailable(text),
     }
 }
 
@@ -103,7 +88,8 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         &self,
         _req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.ask(CoreRequest::Status).await.map(Response::new)
+        let view = self.ask(CoreRequest::Status).await?;
+        Ok(Response::new(convert::status(&view)))
     }
 
     async fn list_sessions(
@@ -111,9 +97,14 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let r = req.into_inner();
-        self.ask(|tx| CoreRequest::Sessions(r, tx))
-            .await
-            .map(Response::new)
+        let filter = SessionFilter {
+            service: r.service,
+            include_dead: r.include_dead,
+        };
+        let sessions = self.ask(|tx| CoreRequest::Sessions(filter, tx)).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.iter().map(convert::session).collect(),
+        }))
     }
 
     async fn list_holders(
@@ -121,17 +112,26 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         req: Request<pb::ListHoldersRequest>,
     ) -> Result<Response<pb::ListHoldersResponse>, Status> {
         let r = req.into_inner();
-        const VERDICTS: [&str; 6] = crate::reconcile::Verdict::NAMES;
-        if !r.verdict.is_empty() && !VERDICTS.contains(&r.verdict.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "verdict: {:?} is not one of {}",
-                r.verdict,
-                VERDICTS.join(", ")
-            )));
-        }
-        self.ask(|tx| CoreRequest::Holders(r, tx))
-            .await
-            .map(Response::new)
+        use crate::reconcile::VerdictKind;
+        let verdict = match r.verdict.as_str() {
+            "" => None,
+            v => Some(v.parse::<VerdictKind>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "verdict: {:?} is not one of {}",
+                    r.verdict,
+                    VerdictKind::NAMES.join(", ")
+                ))
+            })?),
+        };
+        let filter = HolderFilter {
+            service: r.service,
+            verdict,
+        };
+        let view = self.ask(|tx| CoreRequest::Holders(filter, tx)).await?;
+        Ok(Response::new(pb::ListHoldersResponse {
+            holders: view.holders.iter().map(convert::holder).collect(),
+            inventory_time_ms: view.time_ms,
+        }))
     }
 
     async fn list_reclaims(
@@ -196,13 +196,16 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
             if lagged {
                 return None;
             }
-            Some(item.map_err(|BroadcastStreamRecvError::Lagged(n)| {
-                lagged = true;
-                tracing::warn!(missed = n, "API watcher too slow: dropped");
-                Status::resource_exhausted(format!(
-                    "client too slow: {n} events missed; reconnect to watch again"
-                ))
-            }))
+            Some(
+                item.map(|p| convert::event(&p))
+                    .map_err(|BroadcastStreamRecvError::Lagged(n)| {
+                        lagged = true;
+                        tracing::warn!(missed = n, "API watcher too slow: dropped");
+                        Status::resource_exhausted(format!(
+                            "client too slow: {n} events missed; reconnect to watch again"
+                        ))
+                    }),
+            )
         });
         let stream: Self::WatchEventsStream = Box::pin(stream);
         Ok(Response::new(stream))
@@ -221,7 +224,7 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         if !peer.admin {
             tracing::warn!(uid = ?peer.uid, pid = r.pid, "manual reclaim refused: not an admin");
             let d = Decision {
-                time_ms: crate::reclaim::executor::unix_ms(),
+                time_ms: crate::clock::unix_ms(),
                 service: String::new(),
                 session_kind: "manual".to_owned(),
                 session_key: r.session_key.clone(),
@@ -259,14 +262,29 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
                 "pid/session_key: give exactly one of them",
             ));
         }
-        let m = ManualReclaim {
-            pid: r.pid,
-            session_key: r.session_key,
-            dry_run: r.dry_run,
-            reason: r.reason,
-            uid: peer.uid.unwrap_or(0),
+        let target = if r.pid != 0 {
+            Target::Pid(r.pid)
+        } else {
+            // No holder can be bound to what is not a session key.
+            Target::Session(r.session_key.parse().map_err(|_| {
+                manual_status(ManualError::NotFound(format!(
+                    "no holder is bound to session {:?}",
+                    r.session_key
+                )))
+            })?)
         };
-        let ids = self.ask(|tx| CoreRequest::Reclaim(m, tx)).await??;
+        let m = ManualRequest {
+            target,
+            manual: Manual {
+                reason: r.reason,
+                dry_run: r.dry_run,
+                uid: peer.uid.unwrap_or(0),
+            },
+        };
+        let ids = self
+            .ask(|tx| CoreRequest::Reclaim(m, tx))
+            .await?
+            .map_err(manual_status)?;
         let records = self
             .ledger(move |l| {
                 let mut out = Vec::new();

@@ -8,9 +8,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use reclaimd::{
     api::{client, pb},
+    clock::unix_ms,
     config::DEFAULT_API_SOCKET,
     human,
-    reclaim::executor::unix_ms,
 };
 use tonic::Code;
 

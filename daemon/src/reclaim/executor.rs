@@ -3,7 +3,7 @@
 use std::{
     os::fd::OwnedFd,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,11 +17,13 @@ use super::{
     hook,
     policy::{self, Untouchable},
 };
+pub use crate::engine::{Done, Manual};
 use crate::{
-    clock,
+    clock::{self, Now},
     config::Config,
     gpu::{GpuInventory, Inventory, LiveProc, NvmlStatus},
-    ledger::{Action, Decision, Ledger, Outcome, Resolution},
+    ledger::{Action, Decision, Outcome, Resolution},
+    ledger_writer::LedgerWriter,
     model::ProcId,
     reconcile::Assessment,
 };
@@ -45,32 +47,9 @@ pub struct Job {
     pub parent: Option<opentelemetry::Context>,
 }
 
-/// An operator's reclaim request: the safety screen still applies, report mode does not.
-#[derive(Debug, Clone)]
-pub struct Manual {
-    pub reason: String,
-    pub dry_run: bool,
-    /// Who asked (peer credentials of the API client).
-    pub uid: u32,
-}
-
-/// What became of a job.
-#[derive(Debug, Clone)]
-pub struct Done {
-    pub id: ProcId,
-    pub service: String,
-    pub outcome: Outcome,
-    pub ledger_id: Option<i64>,
-    pub bytes_freed: Option<u64>,
-    pub time_to_reclaim: Option<Duration>,
-    pub pod: Option<crate::kube::PodRef>,
-    /// The ledger could not record the decision, so nothing was done: decide again later.
-    pub ledger_error: Option<String>,
-}
-
 pub struct Executor {
     cfg: Arc<Config>,
-    ledger: Arc<Mutex<Ledger>>,
+    ledger: LedgerWriter,
     gpu: GpuInventory,
     breaker: Breaker,
     /// The breaker's state, for the API (the executor runs on a thread of its own).
@@ -82,45 +61,9 @@ pub struct Executor {
     write_error: Option<String>,
 }
 
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The ledger row for a decision about `a`.
+/// The ledger row for a decision about `a`, made now.
 pub fn decision(a: &Assessment, cgroup: &str, action: Action, reason: String) -> Decision {
-    let kinds: Vec<&str> = a.sessions.iter().map(|s| s.kind).collect();
-    let keys: Vec<&str> = a.sessions.iter().map(|s| s.key.as_str()).collect();
-    let mut uuids: Vec<&str> = a
-        .holder
-        .memory
-        .iter()
-        .map(|m| m.device_uuid.as_str())
-        .collect();
-    uuids.dedup();
-    Decision {
-        time_ms: unix_ms(),
-        service: a.service.clone().unwrap_or_default(),
-        session_kind: kinds.first().copied().unwrap_or("process").to_owned(),
-        session_key: keys.join(","),
-        death_cause: a
-            .death
-            .as_ref()
-            .map(|d| d.cause.clone())
-            .unwrap_or_default(),
-        death_time_ms: a.death.as_ref().map(|d| clock::wall_ms(d.at)),
-        pid: a.id.pid,
-        start_time: a.id.start_time,
-        comm: a.holder.comm.clone().unwrap_or_default(),
-        cgroup: cgroup.to_owned(),
-        gpu_uuid: uuids.join(","),
-        bytes: (!a.holder.memory.is_empty() && !a.holder.bytes_unknown())
-            .then(|| a.holder.known_bytes()),
-        action,
-        reason,
-    }
+    crate::record::decision(a, cgroup, action, reason, &Now::read())
 }
 
 /// Why a pin could not be made.
@@ -221,7 +164,7 @@ fn used_of(inv: &Inventory, uuids: &[String], pid: u32) -> Option<u64> {
 impl Executor {
     pub fn new(
         cfg: Arc<Config>,
-        ledger: Arc<Mutex<Ledger>>,
+        ledger: LedgerWriter,
         gpu: GpuInventory,
         never: Untouchable,
     ) -> Self {
@@ -248,8 +191,8 @@ impl Executor {
 
     fn record(&mut self, d: &Decision) -> Option<i64> {
         self.event("decision", format!("{}: {}", d.action.as_str(), d.reason));
-        let ledger = self.ledger.lock().ok()?;
-        match ledger.record_decision(d) {
+        let row = d.clone();
+        match self.ledger.call(move |l| l.record_decision(&row)) {
             Ok(id) => Some(id),
             Err(error) => {
                 tracing::error!(%error, pid = d.pid, ledger = %self.cfg.ledger_path.display(),
@@ -262,13 +205,9 @@ impl Executor {
     }
 
     fn resolve(&self, ledger_id: i64, r: &Resolution) {
-        match self.ledger.lock() {
-            Ok(l) => {
-                if let Err(error) = l.resolve(ledger_id, r) {
-                    tracing::error!(%error, ledger_id, "ledger resolve failed");
-                }
-            }
-            Err(_) => tracing::error!(ledger_id, "ledger lock poisoned"),
+        let r = r.clone();
+        if let Err(error) = self.ledger.call(move |l| l.resolve(ledger_id, &r)) {
+            tracing::error!(%error, ledger_id, "ledger resolve failed");
         }
     }
 
@@ -292,7 +231,7 @@ impl Executor {
                 "reclaimd.session.key",
                 a.sessions
                     .first()
-                    .map(|s| s.key.clone())
+                    .map(|s| s.key.to_string())
                     .unwrap_or_default(),
             ),
             KeyValue::new(
@@ -361,57 +300,12 @@ impl Executor {
             pod: job.pod.clone(),
             ledger_error: None,
         };
-        let refusal = policy::screen(
-            &a.holder,
-            job.exe.as_deref(),
-            a.service.as_deref(),
-            &self.cfg,
-            &self.never,
-        );
-        // An operator's explicit request overrides report mode, never the safety screen.
-        let refusal = match (refusal, &job.manual) {
-            (Err(policy::Refusal::Report), Some(_)) => Ok(()),
-            (r, _) => r,
-        };
-        if let Err(r) = refusal {
-            tracing::info!(reason = %r.reason(), "orphan not reclaimed");
-            let reason = match &job.manual {
-                Some(m) => format!("manual request refused: {} ({})", r.reason(), m.reason),
-                None => r.reason(),
-            };
-            done.ledger_id = self.record(&decision(a, &job.cgroup, Action::Skip, reason));
-            return done;
-        }
-        if let Some(m) = job.manual.as_ref().filter(|m| m.dry_run) {
-            done.ledger_id = self.record(&decision(
-                a,
-                &job.cgroup,
-                Action::Skip,
-                format!("dry run by uid {}: would reclaim ({})", m.uid, m.reason),
-            ));
-            return done;
-        }
-        let allowed = self.breaker.allow(Instant::now());
-        self.tripped.store(
-            self.breaker.is_tripped(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        if !allowed {
-            done.ledger_id = self.record(&decision(
-                a,
-                &job.cgroup,
-                Action::Skip,
-                "breaker tripped".to_owned(),
-            ));
-            return done;
-        }
-        let reason = match &job.manual {
-            Some(m) => format!("manual request by uid {}: {}", m.uid, m.reason),
-            None => format!(
-                "orphaned: every session dead for >= {:?} ({})",
-                a.grace,
-                a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("")
-            ),
+        let reason = match self.gate(&job) {
+            Ok(reason) => reason,
+            Err(skip) => {
+                done.ledger_id = self.record(&decision(a, &job.cgroup, Action::Skip, skip));
+                return done;
+            }
         };
         // Invariant 3: nothing happens that the ledger does not hold first.
         let Some(ledger_id) = self.record(&decision(a, &job.cgroup, Action::Reclaim, reason))
@@ -434,45 +328,59 @@ impl Executor {
         done
     }
 
+    /// Whether `job` may be acted on: the reason to reclaim, or the reason it is skipped
+    /// (the safety screen, a dry run, the breaker).
+    fn gate(&mut self, job: &Job) -> Result<String, String> {
+        let a = &job.assessment;
+        let refusal = policy::screen(
+            &a.holder,
+            job.exe.as_deref(),
+            a.service.as_deref(),
+            &self.cfg,
+            &self.never,
+        );
+        // An operator's explicit request overrides report mode, never the safety screen.
+        let refusal = match (refusal, &job.manual) {
+            (Err(policy::Refusal::Report), Some(_)) => Ok(()),
+            (r, _) => r,
+        };
+        if let Err(r) = refusal {
+            tracing::info!(reason = %r.reason(), "orphan not reclaimed");
+            return Err(match &job.manual {
+                Some(m) => format!("manual request refused: {} ({})", r.reason(), m.reason),
+                None => r.reason(),
+            });
+        }
+        if let Some(m) = job.manual.as_ref().filter(|m| m.dry_run) {
+            return Err(format!(
+                "dry run by uid {}: would reclaim ({})",
+                m.uid, m.reason
+            ));
+        }
+        let allowed = self.breaker.allow(Instant::now());
+        self.tripped.store(
+            self.breaker.is_tripped(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if !allowed {
+            return Err("breaker tripped".to_owned());
+        }
+        Ok(match &job.manual {
+            Some(m) => format!("manual request by uid {}: {}", m.uid, m.reason),
+            None => format!(
+                "orphaned: every session dead for >= {:?} ({})",
+                a.grace,
+                a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("")
+            ),
+        })
+    }
+
+    /// The hook, the pin, the signals, the verification; each step says what it saw in
+    /// `detail`.
     fn act(&mut self, job: &Job) -> Resolution {
         let a = &job.assessment;
         let mut detail: Vec<String> = Vec::new();
-        let resolution = |outcome, detail: &[String]| Resolution {
-            outcome,
-            bytes_freed: None,
-            time_to_reclaim_ms: None,
-            detail: detail.join("; "),
-            time_ms: unix_ms(),
-        };
-        if let Some(hook) = a
-            .service
-            .as_deref()
-            .and_then(|s| self.cfg.service(s))
-            .and_then(|s| s.hook.clone().map(|h| (h, s.hook_timeout)))
-        {
-            let env = [
-                ("RECLAIMD_SERVICE", a.service.clone().unwrap_or_default()),
-                ("RECLAIMD_PID", a.id.pid.to_string()),
-                ("RECLAIMD_COMM", a.holder.comm.clone().unwrap_or_default()),
-                (
-                    "RECLAIMD_SESSION",
-                    a.sessions
-                        .iter()
-                        .map(|s| format!("{}:{}", s.kind, s.key))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                (
-                    "RECLAIMD_DEATH_CAUSE",
-                    a.death
-                        .as_ref()
-                        .map(|d| d.cause.clone())
-                        .unwrap_or_default(),
-                ),
-                ("RECLAIMD_BYTES", a.holder.known_bytes().to_string()),
-            ];
-            let said = hook::run(&hook.0, &env, hook.1);
-            self.event("hook", said.clone());
+        if let Some(said) = self.run_hook(a) {
             detail.push(said);
         }
         let fd = match pin(a.id) {
@@ -494,41 +402,81 @@ impl Executor {
         let before_inv = self.gpu.snapshot();
         let uuids = devices_of(a, &before_inv);
         let before = used_of(&before_inv, &uuids, a.id.pid);
+        if let Err(outcome) = self.terminate(&fd, &mut detail) {
+            return resolution(outcome, &detail);
+        }
+        self.verify(a, &uuids, before, detail)
+    }
 
+    /// The service's hook, if it has one: what it said.
+    fn run_hook(&mut self, a: &Assessment) -> Option<String> {
+        let (hook, timeout) = a
+            .service
+            .as_deref()
+            .and_then(|s| self.cfg.service(s))
+            .and_then(|s| s.hook.clone().map(|h| (h, s.hook_timeout)))?;
+        let env = [
+            ("RECLAIMD_SERVICE", a.service.clone().unwrap_or_default()),
+            ("RECLAIMD_PID", a.id.pid.to_string()),
+            ("RECLAIMD_COMM", a.holder.comm.clone().unwrap_or_default()),
+            (
+                "RECLAIMD_SESSION",
+                a.sessions
+                    .iter()
+                    .map(|s| format!("{}:{}", s.kind, s.key))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "RECLAIMD_DEATH_CAUSE",
+                a.death
+                    .as_ref()
+                    .map(|d| d.cause.clone())
+                    .unwrap_or_default(),
+            ),
+            ("RECLAIMD_BYTES", a.holder.known_bytes().to_string()),
+        ];
+        let said = hook::run(&hook, &env, timeout);
+        self.event("hook", said.clone());
+        Some(said)
+    }
+
+    /// SIGTERM through the pin, SIGKILL after the grace; `Err` with the outcome when the
+    /// process did not exit (or was gone before the signal).
+    fn terminate(&mut self, fd: &OwnedFd, detail: &mut Vec<String>) -> Result<(), Outcome> {
         let t0 = Instant::now();
-        if let Err(e) = pidfd_send_signal(&fd, Signal::TERM) {
+        if let Err(e) = pidfd_send_signal(fd, Signal::TERM) {
             detail.push(format!("SIGTERM failed: {e}"));
-            return resolution(
-                if e == rustix::io::Errno::SRCH {
-                    Outcome::Released
-                } else {
-                    Outcome::Failed
-                },
-                &detail,
-            );
+            return Err(if e == rustix::io::Errno::SRCH {
+                Outcome::Released
+            } else {
+                Outcome::Failed
+            });
         }
         detail.push("SIGTERM".to_owned());
         self.event("SIGTERM", String::new());
-        if wait_exit(&fd, self.cfg.policy.term_grace) {
-            detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
-        } else {
-            let _ = pidfd_send_signal(&fd, Signal::KILL);
-            self.event(
-                "SIGKILL",
-                format!("still alive after {:?}", self.cfg.policy.term_grace),
-            );
-            detail.push(format!(
-                "SIGKILL after {} ms",
-                self.cfg.policy.term_grace.as_millis()
-            ));
-            if !wait_exit(&fd, KILL_WAIT) {
+        let grace = self.cfg.policy.term_grace;
+        if !wait_exit(fd, grace) {
+            let _ = pidfd_send_signal(fd, Signal::KILL);
+            self.event("SIGKILL", format!("still alive after {grace:?}"));
+            detail.push(format!("SIGKILL after {} ms", grace.as_millis()));
+            if !wait_exit(fd, KILL_WAIT) {
                 detail.push("still alive after SIGKILL (uninterruptible sleep?)".to_owned());
-                return resolution(Outcome::Failed, &detail);
+                return Err(Outcome::Failed);
             }
-            detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
         }
+        detail.push(format!("exited after {} ms", t0.elapsed().as_millis()));
+        Ok(())
+    }
 
-        // Verification: NVML stops listing it and the device memory drops.
+    /// Verification: NVML stops listing it and the device memory drops.
+    fn verify(
+        &mut self,
+        a: &Assessment,
+        uuids: &[String],
+        before: Option<u64>,
+        mut detail: Vec<String>,
+    ) -> Resolution {
         let deadline = Instant::now() + VERIFY_WAIT;
         let (still_listed, after) = loop {
             let inv = self.gpu.snapshot();
@@ -536,7 +484,7 @@ impl Executor {
                 .holders
                 .get(&a.id.pid)
                 .is_some_and(|h| !h.memory.is_empty());
-            let after = used_of(&inv, &uuids, a.id.pid);
+            let after = used_of(&inv, uuids, a.id.pid);
             let dropped = match (before, after) {
                 (Some(b), Some(x)) => x < b || uuids.is_empty(),
                 _ => true,
@@ -570,6 +518,17 @@ impl Executor {
         r.detail = detail.join("; ");
         self.event("verification", r.detail.clone());
         r
+    }
+}
+
+/// A resolution without bytes or times, with the steps so far.
+fn resolution(outcome: Outcome, detail: &[String]) -> Resolution {
+    Resolution {
+        outcome,
+        bytes_freed: None,
+        time_to_reclaim_ms: None,
+        detail: detail.join("; "),
+        time_ms: clock::unix_ms(),
     }
 }
 

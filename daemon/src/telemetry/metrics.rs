@@ -57,7 +57,7 @@ fn otlp_reader(
 }
 
 /// Verdict names, all reported every time (zeros too), so a series never goes stale.
-const VERDICTS: [&str; 6] = crate::reconcile::Verdict::NAMES;
+const VERDICTS: &[&str] = crate::reconcile::VerdictKind::NAMES;
 
 pub struct Metrics {
     provider: SdkMeterProvider,
@@ -315,7 +315,7 @@ impl Metrics {
                 );
             }
         }
-        for v in VERDICTS {
+        for &v in VERDICTS {
             let n = assessments
                 .iter()
                 .filter(|a| a.verdict.as_str() == v)

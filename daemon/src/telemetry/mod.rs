@@ -2,6 +2,7 @@
 //! served on a Prometheus scrape endpoint.
 pub mod metrics;
 pub mod prometheus_endpoint;
+pub mod session_spans;
 pub mod span_queue;
 pub mod traces;
 

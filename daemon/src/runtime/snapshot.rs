@@ -1,0 +1,83 @@
+//! Taking a snapshot, on a blocking thread: GPU inventory, the /proc facts and socket tables
+//! it needs, read here so the engine reads nothing.
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use crate::{
+    clock,
+    engine::Snapshot,
+    gpu::{GpuInventory, HolderStatus},
+    model::ProcFacts,
+    scan,
+};
+
+/// What one snapshot brings back from the blocking thread.
+pub struct Taken {
+    /// The NVML handle, back for the next snapshot.
+    pub gpu: GpuInventory,
+    pub snapshot: Snapshot,
+    /// How long the GPU inventory took.
+    pub took: Duration,
+}
+
+pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
+    let started = clock::monotonic_ns();
+    let procs = full.then(|| scan::all_facts(&proc_root));
+    let t0 = std::time::Instant::now();
+    let inventory = gpu.snapshot();
+    let took = t0.elapsed();
+    let live: Vec<u32> = inventory
+        .holders
+        .values()
+        .filter(|h| h.status == HolderStatus::Live)
+        .map(|h| h.pid)
+        .collect();
+    let sockets: Vec<(u32, Vec<u64>)> = live
+        .iter()
+        .map(|pid| (*pid, scan::socket_inodes(&proc_root, *pid)))
+        .collect();
+    // The socket tables cost the kernel a walk of every socket (TIME_WAIT included: tens of
+    // thousands under churn): read them only for a full scan or a holder with sockets.
+    let table = if full || sockets.iter().any(|(_, s)| !s.is_empty()) {
+        scan::tcp_sockets_seen_by(&proc_root, live.iter().copied())
+    } else {
+        HashMap::new()
+    };
+    let conns = sockets
+        .iter()
+        .map(|(pid, inodes)| (*pid, scan::connections_among(inodes, &table)))
+        .collect();
+    let holder_facts = live
+        .iter()
+        .flat_map(|pid| lineage_facts(&proc_root, *pid))
+        .collect();
+    Taken {
+        gpu,
+        snapshot: Snapshot {
+            started,
+            procs,
+            tcp: full.then(|| table.into_values().collect()),
+            inventory,
+            conns,
+            holder_facts,
+        },
+        took,
+    }
+}
+
+/// The facts of `pid` and its living ancestors, nearest first (at most 16).
+fn lineage_facts(proc_root: &std::path::Path, pid: u32) -> Vec<ProcFacts> {
+    let mut out = Vec::new();
+    let mut pid = pid;
+    for _ in 0..16 {
+        let Some(f) = scan::facts(proc_root, pid) else {
+            break;
+        };
+        let ppid = f.ppid;
+        out.push(f);
+        if ppid <= 1 {
+            break;
+        }
+        pid = ppid;
+    }
+    out
+}
