@@ -10,8 +10,6 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{gpu::DEFAULT_DEVICE_GLOB, ledger::DEFAULT_LEDGER_PATH, probe};
-
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -159,6 +157,18 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 pub const DEFAULT_API_SOCKET: &str = "/run/reclaimd/reclaimd.sock";
 
+// The defaults of the gpu, ledger and probe modules (re-exported there) are defined here,
+// so that the configuration, which pure modules use, depends on none of them.
+
+/// Open files matching this are GPU device handles.
+pub const DEFAULT_DEVICE_GLOB: &str = "/dev/nvidia*";
+
+pub const DEFAULT_LEDGER_PATH: &str = "/var/lib/reclaimd/ledger.db";
+
+/// Default ring buffer: 1 MiB holds about ten thousand events in flight.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub policy: Policy,
@@ -198,8 +208,8 @@ impl Default for Config {
             ledger_path: PathBuf::from(DEFAULT_LEDGER_PATH),
             probe: ProbeConfig {
                 mode: ProbeMode::Auto,
-                ring_bytes: probe::DEFAULT_RING_BYTES,
-                btf: PathBuf::from(probe::DEFAULT_BTF_PATH),
+                ring_bytes: DEFAULT_RING_BYTES,
+                btf: PathBuf::from(DEFAULT_BTF_PATH),
                 fallback_sweep: Duration::from_secs(1),
             },
             services: Vec::new(),

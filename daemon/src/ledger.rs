@@ -15,9 +15,10 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-pub use crate::record::{ALL_OUTCOMES, Action, Decision, Lineage, Outcome, Record, Resolution};
-
-pub const DEFAULT_LEDGER_PATH: &str = "/var/lib/reclaimd/ledger.db";
+pub use crate::{
+    config::DEFAULT_LEDGER_PATH,
+    record::{ALL_OUTCOMES, Action, Decision, Lineage, Outcome, Record, Resolution},
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have been.
 /// Append only: never edit an entry once released. No `IF NOT EXISTS`, so an accidental

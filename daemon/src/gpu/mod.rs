@@ -18,7 +18,7 @@ pub use self::{
     procfs::{DeviceFiles, LiveProc, ProcStat, fd_links, in_host_pid_namespace, process_alive},
 };
 
-pub const DEFAULT_DEVICE_GLOB: &str = "/dev/nvidia*";
+pub use crate::config::DEFAULT_DEVICE_GLOB;
 
 #[derive(Debug, Clone)]
 pub struct GpuOptions {

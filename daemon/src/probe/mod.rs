@@ -27,6 +27,7 @@ pub use self::{
     error::ProbeError,
     source::{EventSource, Opened},
 };
+pub use crate::config::{DEFAULT_BTF_PATH, DEFAULT_RING_BYTES};
 use crate::{clock, event::KernelEvent};
 
 /// Where a program attaches.
@@ -64,10 +65,6 @@ const fn programs(cap: Capability) -> &'static [(&'static str, Attach)] {
         ],
     }
 }
-
-/// Default ring buffer: 1 MiB holds about ten thousand events in flight.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
-pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
