@@ -474,73 +474,122 @@ mod raw {
     }
 
     impl Config {
+        /// Validates the sections in this order, which is the order their errors are found.
         pub fn validate(self, invalid: Invalid) -> Result<super::Config, ConfigError> {
             let d = super::Config::default();
-            let p = self.policy;
-            let soft = fraction(p.soft, "policy.soft", d.policy.soft, invalid)?;
-            let hard = fraction(p.hard, "policy.hard", d.policy.hard, invalid)?;
+            let policy = self.policy.validate(d.policy, invalid)?;
+            let gpu = self.gpu.validate(d.gpu, invalid)?;
+            let probe = self.probe.validate(d.probe, invalid)?;
+            let metrics_listen = self.metrics.validate(d.metrics_listen, invalid)?;
+            let telemetry = self.telemetry.validate(invalid)?;
+            let api = self.api.validate(d.api, invalid)?;
+            let services = validate_services(self.service, invalid)?;
+            Ok(super::Config {
+                policy,
+                gpu,
+                ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
+                api,
+                metrics_listen,
+                telemetry,
+                probe,
+                containers_dir: self.kubernetes.containers_dir(d.containers_dir),
+                services,
+            })
+        }
+    }
+
+    impl Policy {
+        fn validate(
+            self,
+            d: super::Policy,
+            invalid: Invalid,
+        ) -> Result<super::Policy, ConfigError> {
+            let soft = fraction(self.soft, "policy.soft", d.soft, invalid)?;
+            let hard = fraction(self.hard, "policy.hard", d.hard, invalid)?;
             if soft > hard {
                 return Err(invalid(
                     "policy.soft",
                     format!("soft ({soft}) must not exceed hard ({hard})"),
                 ));
             }
-            let max = p
+            let max = self
                 .max_reclaims_per_minute
-                .unwrap_or(d.policy.max_reclaims_per_minute);
+                .unwrap_or(d.max_reclaims_per_minute);
             if max == 0 {
                 return Err(invalid(
                     "policy.max_reclaims_per_minute",
                     "must be at least 1 (use mode = \"report\" to act on nothing)".to_owned(),
                 ));
             }
-            let sweep = duration(&p.sweep, "policy.sweep", d.policy.sweep, invalid)?;
+            let sweep = duration(&self.sweep, "policy.sweep", d.sweep, invalid)?;
             if sweep < Duration::from_millis(100) {
                 return Err(invalid("policy.sweep", "must be at least 100ms".to_owned()));
             }
-            let queue = p.queue.unwrap_or(d.policy.queue);
+            let queue = self.queue.unwrap_or(d.queue);
             if queue == 0 {
                 return Err(invalid("policy.queue", "must be at least 1".to_owned()));
             }
-            for (i, entry) in p.protect.iter().enumerate() {
-                if entry.trim().is_empty() {
-                    return Err(invalid(
-                        "policy.protect",
-                        format!("entry {} is empty", i + 1),
-                    ));
-                }
-                if entry.contains('/') && glob::Pattern::new(entry).is_err() {
-                    return Err(invalid(
-                        "policy.protect",
-                        format!("{entry:?} is not a valid glob"),
-                    ));
-                }
-            }
-            let policy = super::Policy {
-                mode: p.mode.unwrap_or(d.policy.mode),
-                grace: duration(&p.grace, "policy.grace", d.policy.grace, invalid)?,
-                term_grace: duration(
-                    &p.term_grace,
-                    "policy.term_grace",
-                    d.policy.term_grace,
-                    invalid,
-                )?,
+            check_protect(&self.protect, invalid)?;
+            Ok(super::Policy {
+                mode: self.mode.unwrap_or(d.mode),
+                grace: duration(&self.grace, "policy.grace", d.grace, invalid)?,
+                term_grace: duration(&self.term_grace, "policy.term_grace", d.term_grace, invalid)?,
                 soft,
                 hard,
-                protect: p.protect,
+                protect: self.protect,
                 max_reclaims_per_minute: max,
                 sweep,
                 queue,
-            };
+            })
+        }
+    }
 
-            let device_glob = self.gpu.device_glob.unwrap_or(d.gpu.device_glob);
+    /// `policy.protect`: command names, or executable globs (entries containing '/').
+    fn check_protect(protect: &[String], invalid: Invalid) -> Result<(), ConfigError> {
+        for (i, entry) in protect.iter().enumerate() {
+            if entry.trim().is_empty() {
+                return Err(invalid(
+                    "policy.protect",
+                    format!("entry {} is empty", i + 1),
+                ));
+            }
+            if entry.contains('/') && glob::Pattern::new(entry).is_err() {
+                return Err(invalid(
+                    "policy.protect",
+                    format!("{entry:?} is not a valid glob"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    impl Gpu {
+        fn validate(
+            self,
+            d: super::GpuConfig,
+            invalid: Invalid,
+        ) -> Result<super::GpuConfig, ConfigError> {
+            let device_glob = self.device_glob.unwrap_or(d.device_glob);
             if let Err(e) = glob::Pattern::new(&device_glob) {
                 return Err(invalid(
                     "gpu.device_glob",
                     format!("{device_glob:?} is not a valid glob: {e}"),
                 ));
             }
-            let ring_bytes = self.probe.ring_bytes.unwrap_or(d.probe.ring_bytes);
+            Ok(super::GpuConfig {
+                nvml_library: self.nvml_library,
+                device_glob,
+            })
+        }
+    }
+
+    impl Probe {
+        fn validate(
+            self,
+            d: super::ProbeConfig,
+            invalid: Invalid,
+        ) -> Result<super::ProbeConfig, ConfigError> {
+            let ring_bytes = self.ring_bytes.unwrap_or(d.ring_bytes);
             if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
                 return Err(invalid(
                     "probe.ring_bytes",
@@ -548,9 +597,9 @@ mod raw {
                 ));
             }
             let fallback_sweep = duration(
-                &self.probe.fallback_sweep,
+                &self.fallback_sweep,
                 "probe.fallback_sweep",
-                d.probe.fallback_sweep,
+                d.fallback_sweep,
                 invalid,
             )?;
             if fallback_sweep < Duration::from_millis(100) {
@@ -559,9 +608,24 @@ mod raw {
                     "must be at least 100ms".to_owned(),
                 ));
             }
+            Ok(super::ProbeConfig {
+                mode: self.mode.unwrap_or(d.mode),
+                ring_bytes,
+                btf: self.btf.unwrap_or(d.btf),
+                fallback_sweep,
+            })
+        }
+    }
 
-            let metrics_listen = match self.metrics.listen.as_deref() {
-                None => d.metrics_listen,
+    impl Metrics {
+        /// The Prometheus endpoint's address; `None` when `listen` is "".
+        fn validate(
+            self,
+            default: Option<std::net::SocketAddr>,
+            invalid: Invalid,
+        ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+            Ok(match self.listen.as_deref() {
+                None => default,
                 Some("") => None,
                 Some(l) => Some(l.parse::<std::net::SocketAddr>().map_err(|e| {
                     invalid(
@@ -569,8 +633,13 @@ mod raw {
                         format!("{l:?} is not an address:port (\"\" turns it off): {e}"),
                     )
                 })?),
-            };
-            if let Some(p) = &self.telemetry.otlp_protocol
+            })
+        }
+    }
+
+    impl Telemetry {
+        fn validate(self, invalid: Invalid) -> Result<super::TelemetryConfig, ConfigError> {
+            if let Some(p) = &self.otlp_protocol
                 && p != "grpc"
                 && p != "http/protobuf"
             {
@@ -579,26 +648,34 @@ mod raw {
                     format!("{p:?}: use \"grpc\" or \"http/protobuf\""),
                 ));
             }
-            let telemetry = super::TelemetryConfig {
-                otlp_endpoint: self.telemetry.otlp_endpoint,
-                otlp_protocol: self.telemetry.otlp_protocol,
-            };
-            let a = self.api;
-            let socket = a.socket.unwrap_or(d.api.socket);
+            Ok(super::TelemetryConfig {
+                otlp_endpoint: self.otlp_endpoint,
+                otlp_protocol: self.otlp_protocol,
+            })
+        }
+    }
+
+    impl Api {
+        fn validate(
+            self,
+            d: super::ApiConfig,
+            invalid: Invalid,
+        ) -> Result<super::ApiConfig, ConfigError> {
+            let socket = self.socket.unwrap_or(d.socket);
             if !socket.is_absolute() {
                 return Err(invalid(
                     "api.socket",
                     format!("{} must be an absolute path", socket.display()),
                 ));
             }
-            let listen = match a.listen {
+            let listen = match self.listen {
                 None => None,
                 Some(l) => Some(l.parse::<std::net::SocketAddr>().map_err(|e| {
                     invalid("api.listen", format!("{l:?} is not an address:port: {e}"))
                 })?),
             };
             if listen.is_some()
-                && (a.tls_cert.is_none() || a.tls_key.is_none() || a.client_ca.is_none())
+                && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none())
             {
                 return Err(invalid(
                     "api.listen",
@@ -607,134 +684,155 @@ mod raw {
                         .to_owned(),
                 ));
             }
-            let watch_buffer = a.watch_buffer.unwrap_or(d.api.watch_buffer);
+            let watch_buffer = self.watch_buffer.unwrap_or(d.watch_buffer);
             if !(1..=1 << 20).contains(&watch_buffer) {
                 return Err(invalid(
                     "api.watch_buffer",
                     format!("{watch_buffer} must be between 1 and 1048576"),
                 ));
             }
-            let api = super::ApiConfig {
+            Ok(super::ApiConfig {
                 watch_buffer,
                 socket,
-                group: a.group.unwrap_or(d.api.group),
-                admin_group: a.admin_group,
+                group: self.group.unwrap_or(d.group),
+                admin_group: self.admin_group,
                 listen,
-                tls_cert: a.tls_cert,
-                tls_key: a.tls_key,
-                client_ca: a.client_ca,
-            };
+                tls_cert: self.tls_cert,
+                tls_key: self.tls_key,
+                client_ca: self.client_ca,
+            })
+        }
+    }
 
-            let mut services = Vec::with_capacity(self.service.len());
-            for (i, s) in self.service.into_iter().enumerate() {
-                let at = |key: &str| format!("service[{i}].{key}");
-                if s.name.trim().is_empty() {
-                    return Err(invalid(&at("name"), "must not be empty".to_owned()));
-                }
-                if services.iter().any(|o: &super::Service| o.name == s.name) {
-                    return Err(invalid(
-                        &at("name"),
-                        format!("{:?} is defined twice", s.name),
-                    ));
-                }
-                let m = s.matcher;
-                if m.comm.is_empty() && m.exe.is_none() && m.cgroup.is_none() && m.unit.is_none() {
-                    return Err(invalid(
-                        &at("match"),
-                        "give at least one of comm, exe, cgroup, unit".to_owned(),
-                    ));
-                }
-                if let Some(bad) = m.comm.iter().find(|c| c.is_empty() || c.len() > 15) {
-                    return Err(invalid(
-                        &at("match.comm"),
-                        format!(
-                            "{bad:?}: a command name has 1 to 15 characters (the kernel truncates to 15)"
-                        ),
-                    ));
-                }
-                let exe = match m.exe {
-                    None => None,
-                    Some(e) => Some(glob::Pattern::new(&e).map_err(|err| {
-                        invalid(
-                            &at("match.exe"),
-                            format!("{e:?} is not a valid glob: {err}"),
-                        )
-                    })?),
-                };
-                if let Some(c) = &m.cgroup
-                    && !c.starts_with('/')
-                {
-                    return Err(invalid(
-                        &at("match.cgroup"),
-                        format!("{c:?} must start with '/'"),
-                    ));
-                }
-                if s.ports.contains(&0) {
-                    return Err(invalid(&at("ports"), "port 0 is not a port".to_owned()));
-                }
-                let scope = s.scope.unwrap_or(Scope::Process);
-                if scope == Scope::Connection && s.ports.is_empty() {
-                    return Err(invalid(
-                        &at("ports"),
-                        "scope = \"connection\" needs the service's listening ports".to_owned(),
-                    ));
-                }
-                let grace = match &s.grace {
-                    None => None,
-                    g => Some(duration(g, &at("grace"), Duration::ZERO, invalid)?),
-                };
-                if let Some(h) = &s.hook
-                    && !h.is_absolute()
-                {
-                    return Err(invalid(
-                        &at("hook"),
-                        format!("{} must be an absolute path", h.display()),
-                    ));
-                }
-                services.push(super::Service {
-                    name: s.name,
-                    matcher: super::Matcher {
-                        comm: m.comm,
-                        exe,
-                        cgroup: m.cgroup,
-                        unit: m.unit,
-                    },
-                    ports: s.ports,
-                    scope,
-                    mode: s.mode,
-                    grace,
-                    hook: s.hook,
-                    hook_timeout: duration(
-                        &s.hook_timeout,
-                        &at("hook_timeout"),
-                        Duration::from_secs(10),
-                        invalid,
-                    )?,
-                });
+    impl Kubernetes {
+        /// `containers_dir`, or `None` when it is "".
+        fn containers_dir(self, default: Option<PathBuf>) -> Option<PathBuf> {
+            match self.containers_dir {
+                None => default,
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p),
             }
+        }
+    }
 
-            Ok(super::Config {
-                policy,
-                gpu: super::GpuConfig {
-                    nvml_library: self.gpu.nvml_library,
-                    device_glob,
-                },
-                ledger_path: self.ledger.path.unwrap_or(d.ledger_path),
-                api,
-                metrics_listen,
-                telemetry,
-                probe: super::ProbeConfig {
-                    mode: self.probe.mode.unwrap_or(d.probe.mode),
-                    ring_bytes,
-                    btf: self.probe.btf.unwrap_or(d.probe.btf),
-                    fallback_sweep,
-                },
-                containers_dir: match self.kubernetes.containers_dir {
-                    None => d.containers_dir,
-                    Some(p) if p.as_os_str().is_empty() => None,
-                    Some(p) => Some(p),
-                },
-                services,
+    fn validate_services(
+        service: Vec<Service>,
+        invalid: Invalid,
+    ) -> Result<Vec<super::Service>, ConfigError> {
+        let mut services = Vec::with_capacity(service.len());
+        for (i, s) in service.into_iter().enumerate() {
+            let valid = s.validate(i, &services, invalid)?;
+            services.push(valid);
+        }
+        Ok(services)
+    }
+
+    impl Service {
+        /// Entry `i` of `[[service]]`; `earlier` holds the entries before it.
+        fn validate(
+            self,
+            i: usize,
+            earlier: &[super::Service],
+            invalid: Invalid,
+        ) -> Result<super::Service, ConfigError> {
+            let at = |key: &str| format!("service[{i}].{key}");
+            if self.name.trim().is_empty() {
+                return Err(invalid(&at("name"), "must not be empty".to_owned()));
+            }
+            if earlier.iter().any(|o| o.name == self.name) {
+                return Err(invalid(
+                    &at("name"),
+                    format!("{:?} is defined twice", self.name),
+                ));
+            }
+            let matcher = self.matcher.validate(at, invalid)?;
+            if self.ports.contains(&0) {
+                return Err(invalid(&at("ports"), "port 0 is not a port".to_owned()));
+            }
+            let scope = self.scope.unwrap_or(Scope::Process);
+            if scope == Scope::Connection && self.ports.is_empty() {
+                return Err(invalid(
+                    &at("ports"),
+                    "scope = \"connection\" needs the service's listening ports".to_owned(),
+                ));
+            }
+            let grace = match &self.grace {
+                None => None,
+                g => Some(duration(g, &at("grace"), Duration::ZERO, invalid)?),
+            };
+            if let Some(h) = &self.hook
+                && !h.is_absolute()
+            {
+                return Err(invalid(
+                    &at("hook"),
+                    format!("{} must be an absolute path", h.display()),
+                ));
+            }
+            Ok(super::Service {
+                name: self.name,
+                matcher,
+                ports: self.ports,
+                scope,
+                mode: self.mode,
+                grace,
+                hook: self.hook,
+                hook_timeout: duration(
+                    &self.hook_timeout,
+                    &at("hook_timeout"),
+                    Duration::from_secs(10),
+                    invalid,
+                )?,
+            })
+        }
+    }
+
+    impl Match {
+        /// A service's `match`; `at` names its keys.
+        fn validate(
+            self,
+            at: impl Fn(&str) -> String,
+            invalid: Invalid,
+        ) -> Result<super::Matcher, ConfigError> {
+            if self.comm.is_empty()
+                && self.exe.is_none()
+                && self.cgroup.is_none()
+                && self.unit.is_none()
+            {
+                return Err(invalid(
+                    &at("match"),
+                    "give at least one of comm, exe, cgroup, unit".to_owned(),
+                ));
+            }
+            if let Some(bad) = self.comm.iter().find(|c| c.is_empty() || c.len() > 15) {
+                return Err(invalid(
+                    &at("match.comm"),
+                    format!(
+                        "{bad:?}: a command name has 1 to 15 characters (the kernel truncates to 15)"
+                    ),
+                ));
+            }
+            let exe = match self.exe {
+                None => None,
+                Some(e) => Some(glob::Pattern::new(&e).map_err(|err| {
+                    invalid(
+                        &at("match.exe"),
+                        format!("{e:?} is not a valid glob: {err}"),
+                    )
+                })?),
+            };
+            if let Some(c) = &self.cgroup
+                && !c.starts_with('/')
+            {
+                return Err(invalid(
+                    &at("match.cgroup"),
+                    format!("{c:?} must start with '/'"),
+                ));
+            }
+            Ok(super::Matcher {
+                comm: self.comm,
+                exe,
+                cgroup: self.cgroup,
+                unit: self.unit,
             })
         }
     }
