@@ -711,9 +711,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn query_filters_order_and_paging() {
-        let dir = TempDir::new("query");
+    /// A ledger of 30 decisions, one a second: even ones "vllm", odd ones "triton", pids
+    /// 100 to 102 in turn, every fifth reclaimed and the rest pending. Returns their ids.
+    fn thirty_decisions(dir: &TempDir) -> (Ledger, Vec<i64>) {
         let ledger = Ledger::open(&dir.db()).unwrap();
         let mut ids = Vec::new();
         for i in 0..30i64 {
@@ -729,21 +729,39 @@ mod tests {
             }
             ids.push(id);
         }
-        let ids_of =
-            |q: Query| -> Vec<i64> { ledger.query(&q).unwrap().iter().map(|r| r.id).collect() };
+        (ledger, ids)
+    }
 
-        let all = ids_of(Query::default());
+    fn ids_of(ledger: &Ledger, q: Query) -> Vec<i64> {
+        ledger.query(&q).unwrap().iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn query_orders_newest_first_within_a_window() {
+        let dir = TempDir::new("query-order");
+        let (ledger, ids) = thirty_decisions(&dir);
+
+        let all = ids_of(&ledger, Query::default());
         let mut newest_first = ids.clone();
         newest_first.reverse();
         assert_eq!(all, newest_first);
 
         // [since, until)
-        let window = ids_of(Query {
-            since_ms: Some(5_000),
-            until_ms: Some(10_000),
-            ..Query::default()
-        });
+        let window = ids_of(
+            &ledger,
+            Query {
+                since_ms: Some(5_000),
+                until_ms: Some(10_000),
+                ..Query::default()
+            },
+        );
         assert_eq!(window, (5..10).rev().map(|i| ids[i]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn query_filters() {
+        let dir = TempDir::new("query-filters");
+        let (ledger, ids) = thirty_decisions(&dir);
 
         let vllm = ledger
             .query(&Query {
@@ -772,38 +790,61 @@ mod tests {
         assert_eq!(by_pid.len(), 10);
         assert!(by_pid.iter().all(|r| r.decision.pid == 101));
 
-        let combined = ids_of(Query {
-            service: Some("vllm".to_owned()),
-            outcome: Some(Outcome::Pending),
-            pid: Some(100),
-            since_ms: Some(1_000),
-            ..Query::default()
-        });
+        let combined = ids_of(
+            &ledger,
+            Query {
+                service: Some("vllm".to_owned()),
+                outcome: Some(Outcome::Pending),
+                pid: Some(100),
+                since_ms: Some(1_000),
+                ..Query::default()
+            },
+        );
         // vllm = even i, pid 100 = i%3==0, pending = i%5!=0, i >= 1: 6, 12, 18, 24.
         assert_eq!(combined, vec![ids[24], ids[18], ids[12], ids[6]]);
+    }
+
+    #[test]
+    fn query_pages_cover_everything_once() {
+        let dir = TempDir::new("query-paging");
+        let (ledger, ids) = thirty_decisions(&dir);
+        let mut newest_first = ids.clone();
+        newest_first.reverse();
 
         // Paging: disjoint pages that together are everything, newest first.
         let mut paged = Vec::new();
         let mut cursor = None;
         loop {
-            let page = ids_of(Query {
-                before_id: cursor,
-                limit: Some(7),
-                ..Query::default()
-            });
+            let page = ids_of(
+                &ledger,
+                Query {
+                    before_id: cursor,
+                    limit: Some(7),
+                    ..Query::default()
+                },
+            );
             assert!(page.len() <= 7);
             let Some(&last) = page.last() else { break };
             paged.extend(page);
             cursor = Some(last);
         }
         assert_eq!(paged, newest_first);
+    }
+
+    #[test]
+    fn query_limits() {
+        let dir = TempDir::new("query-limits");
+        let (ledger, _) = thirty_decisions(&dir);
 
         // Limit 0 means none; the cap is MAX_QUERY_LIMIT.
         assert!(
-            ids_of(Query {
-                limit: Some(0),
-                ..Query::default()
-            })
+            ids_of(
+                &ledger,
+                Query {
+                    limit: Some(0),
+                    ..Query::default()
+                }
+            )
             .is_empty()
         );
         for i in 0..1_100 {
@@ -811,12 +852,15 @@ mod tests {
                 .record_decision(&decision(100_000 + i, "bulk", 1, Action::Skip))
                 .unwrap();
         }
-        assert_eq!(ids_of(Query::default()).len(), 100);
+        assert_eq!(ids_of(&ledger, Query::default()).len(), 100);
         assert_eq!(
-            ids_of(Query {
-                limit: Some(u32::MAX),
-                ..Query::default()
-            })
+            ids_of(
+                &ledger,
+                Query {
+                    limit: Some(u32::MAX),
+                    ..Query::default()
+                }
+            )
             .len(),
             MAX_QUERY_LIMIT as usize
         );

@@ -7,12 +7,12 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use reclaimd::{
-    api::{client, pb},
+    api::{client, pb, pb::reclaimd_client::ReclaimdClient},
     clock::unix_ms,
     config::DEFAULT_API_SOCKET,
     human,
 };
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 /// Query reclaimd: its status, sessions, GPU holders and the reclaim ledger; watch it live;
 /// ask it to reclaim a holder.
@@ -192,202 +192,269 @@ fn out(line: &str) -> Result<(), Failure> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli.socket.clone();
-    let mut c = client::connect(&socket)
+    let client = client::connect(&socket)
         .await
         .map_err(|e| connect_failure(&e, &socket))?;
-    let st = |s| from_status(s, &socket);
+    let mut ctl = Ctl {
+        client,
+        socket,
+        json: cli.json,
+    };
     match cli.command {
-        Command::Status => {
-            let s = c
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .map_err(st)?
-                .into_inner();
-            if cli.json {
-                return json(&s);
-            }
-            print_status(&s)
-        }
-        Command::Sessions { service, all } => {
-            let r = c
-                .list_sessions(pb::ListSessionsRequest {
-                    service: service.unwrap_or_default(),
-                    include_dead: all,
-                })
-                .await
-                .map_err(st)?
-                .into_inner();
-            if cli.json {
-                return json(&r);
-            }
-            out(&format!(
-                "{:<11} {:<12} {:>8}  {:<16} SESSION",
-                "KIND", "SERVICE", "PID", "STATE"
-            ))?;
-            for s in &r.sessions {
-                let state = if s.dead {
-                    format!(
-                        "dead {}",
-                        s.death_time_ms
-                            .map(|t| human::ago(t, unix_ms()))
-                            .unwrap_or_default()
-                    )
-                } else {
-                    "live".to_owned()
-                };
-                out(&format!(
-                    "{:<11} {:<12} {:>8}  {:<16} {}{}",
-                    s.kind,
-                    s.service,
-                    s.pid,
-                    state,
-                    s.key,
-                    if s.dead {
-                        format!(" ({})", s.death_cause)
-                    } else {
-                        String::new()
-                    }
-                ))?;
-            }
-            Ok(())
-        }
-        Command::Holders { service, verdict } => {
-            let r = c
-                .list_holders(pb::ListHoldersRequest {
-                    service: service.unwrap_or_default(),
-                    verdict: verdict.unwrap_or_default(),
-                })
-                .await
-                .map_err(st)?
-                .into_inner();
-            if cli.json {
-                return json(&r);
-            }
-            out(&format!(
-                "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} SESSIONS",
-                "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
-            ))?;
-            for h in &r.holders {
-                let known = h
-                    .memory
-                    .iter()
-                    .filter_map(|m| m.bytes)
-                    .fold(0, u64::saturating_add);
-                let unknown = h.memory.iter().any(|m| m.bytes.is_none());
-                let mem = match (h.memory.is_empty(), unknown) {
-                    (true, _) => "-".to_owned(),
-                    (false, true) => format!("{}+?", human::bytes(known)),
-                    (false, false) => human::bytes(known),
-                };
-                let grace = if h.verdict == "pending" {
-                    human::millis(h.grace_left_ms as i64)
-                } else {
-                    "-".to_owned()
-                };
-                let pod = if h.k8s_pod.is_empty() {
-                    "-".to_owned()
-                } else {
-                    format!("{}/{}/{}", h.k8s_namespace, h.k8s_pod, h.k8s_container)
-                };
-                out(&format!(
-                    "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} {}",
-                    h.pid,
-                    h.comm,
-                    if h.service.is_empty() {
-                        "-"
-                    } else {
-                        &h.service
-                    },
-                    h.verdict,
-                    mem,
-                    grace,
-                    pod,
-                    h.session_keys.join(",")
-                ))?;
-            }
-            Ok(())
-        }
+        Command::Status => ctl.status().await,
+        Command::Sessions { service, all } => ctl.sessions(service, all).await,
+        Command::Holders { service, verdict } => ctl.holders(service, verdict).await,
         Command::Reclaims {
             since,
             service,
             outcome,
             pid,
             limit,
-        } => {
-            let mut records = Vec::new();
-            let mut token = String::new();
-            while records.len() < limit {
-                let page = c
-                    .list_reclaims(pb::ListReclaimsRequest {
-                        since_ms: since.map(|d| unix_ms() - d.as_millis() as i64).unwrap_or(0),
-                        service: service.clone().unwrap_or_default(),
-                        outcome: outcome.clone().unwrap_or_default(),
-                        pid: pid.unwrap_or(0),
-                        page_size: (limit - records.len()).min(1000) as u32,
-                        page_token: token,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(st)?
-                    .into_inner();
-                records.extend(page.reclaims);
-                token = page.next_page_token;
-                if token.is_empty() {
-                    break;
-                }
-            }
-            if cli.json {
-                return json(&records);
-            }
-            print_records(&records)
-        }
-        Command::Watch => {
-            let mut stream = c
-                .watch_events(pb::WatchEventsRequest {})
-                .await
-                .map_err(st)?
-                .into_inner();
-            while let Some(ev) = stream.message().await.map_err(st)? {
-                if cli.json {
-                    json(&ev)?;
-                } else {
-                    out(&describe(&ev))?;
-                }
-            }
-            Ok(())
-        }
+        } => ctl.reclaims(since, service, outcome, pid, limit).await,
+        Command::Watch => ctl.watch().await,
         Command::Reclaim {
             pid,
             session,
             dry_run,
             reason,
-        } => {
-            let r = c
-                .reclaim(pb::ReclaimRequest {
+        } => ctl.reclaim(pid, session, dry_run, reason).await,
+    }
+}
+
+/// A connected daemon, and how its answers are printed: one method per subcommand.
+struct Ctl {
+    client: ReclaimdClient<Channel>,
+    socket: PathBuf,
+    json: bool,
+}
+
+impl Ctl {
+    fn failure(&self, s: tonic::Status) -> Failure {
+        from_status(s, &self.socket)
+    }
+
+    /// `response` as JSON, or as a table: `header`, then `rows`.
+    fn table<T: serde::Serialize>(
+        &self,
+        response: &T,
+        header: &str,
+        rows: impl Iterator<Item = String>,
+    ) -> Result<(), Failure> {
+        if self.json {
+            return json(response);
+        }
+        out(header)?;
+        for row in rows {
+            out(&row)?;
+        }
+        Ok(())
+    }
+
+    async fn status(&mut self) -> Result<(), Failure> {
+        let s = self
+            .client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(|s| self.failure(s))?
+            .into_inner();
+        if self.json {
+            return json(&s);
+        }
+        print_status(&s)
+    }
+
+    async fn sessions(&mut self, service: Option<String>, all: bool) -> Result<(), Failure> {
+        let r = self
+            .client
+            .list_sessions(pb::ListSessionsRequest {
+                service: service.unwrap_or_default(),
+                include_dead: all,
+            })
+            .await
+            .map_err(|s| self.failure(s))?
+            .into_inner();
+        let header = format!(
+            "{:<11} {:<12} {:>8}  {:<16} SESSION",
+            "KIND", "SERVICE", "PID", "STATE"
+        );
+        self.table(&r, &header, r.sessions.iter().map(session_row))
+    }
+
+    async fn holders(
+        &mut self,
+        service: Option<String>,
+        verdict: Option<String>,
+    ) -> Result<(), Failure> {
+        let r = self
+            .client
+            .list_holders(pb::ListHoldersRequest {
+                service: service.unwrap_or_default(),
+                verdict: verdict.unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| self.failure(s))?
+            .into_inner();
+        let header = format!(
+            "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} SESSIONS",
+            "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
+        );
+        self.table(&r, &header, r.holders.iter().map(holder_row))
+    }
+
+    async fn reclaims(
+        &mut self,
+        since: Option<std::time::Duration>,
+        service: Option<String>,
+        outcome: Option<String>,
+        pid: Option<u32>,
+        limit: usize,
+    ) -> Result<(), Failure> {
+        let mut records = Vec::new();
+        let mut token = String::new();
+        while records.len() < limit {
+            let page = self
+                .client
+                .list_reclaims(pb::ListReclaimsRequest {
+                    since_ms: since.map(|d| unix_ms() - d.as_millis() as i64).unwrap_or(0),
+                    service: service.clone().unwrap_or_default(),
+                    outcome: outcome.clone().unwrap_or_default(),
                     pid: pid.unwrap_or(0),
-                    session_key: session.unwrap_or_default(),
-                    dry_run,
-                    reason,
+                    page_size: (limit - records.len()).min(1000) as u32,
+                    page_token: token,
+                    ..Default::default()
                 })
                 .await
-                .map_err(st)?
+                .map_err(|s| self.failure(s))?
                 .into_inner();
-            if cli.json {
-                json(&r.records)?;
-            } else {
-                print_records(&r.records)?;
-            }
-            let wanted = if dry_run { "skipped" } else { "reclaimed" };
-            if r.records.iter().all(|x| x.outcome == wanted) {
-                Ok(())
-            } else {
-                Err(Failure {
-                    code: 6,
-                    message: "not every holder was reclaimed; see the outcomes above".into(),
-                })
+            records.extend(page.reclaims);
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
             }
         }
+        if self.json {
+            return json(&records);
+        }
+        print_records(&records)
     }
+
+    async fn watch(&mut self) -> Result<(), Failure> {
+        let mut stream = self
+            .client
+            .watch_events(pb::WatchEventsRequest {})
+            .await
+            .map_err(|s| self.failure(s))?
+            .into_inner();
+        while let Some(ev) = stream.message().await.map_err(|s| self.failure(s))? {
+            if self.json {
+                json(&ev)?;
+            } else {
+                out(&describe(&ev))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reclaim(
+        &mut self,
+        pid: Option<u32>,
+        session: Option<String>,
+        dry_run: bool,
+        reason: String,
+    ) -> Result<(), Failure> {
+        let r = self
+            .client
+            .reclaim(pb::ReclaimRequest {
+                pid: pid.unwrap_or(0),
+                session_key: session.unwrap_or_default(),
+                dry_run,
+                reason,
+            })
+            .await
+            .map_err(|s| self.failure(s))?
+            .into_inner();
+        if self.json {
+            json(&r.records)?;
+        } else {
+            print_records(&r.records)?;
+        }
+        let wanted = if dry_run { "skipped" } else { "reclaimed" };
+        if r.records.iter().all(|x| x.outcome == wanted) {
+            Ok(())
+        } else {
+            Err(Failure {
+                code: 6,
+                message: "not every holder was reclaimed; see the outcomes above".into(),
+            })
+        }
+    }
+}
+
+/// A line of `sessions`.
+fn session_row(s: &pb::Session) -> String {
+    let state = if s.dead {
+        format!(
+            "dead {}",
+            s.death_time_ms
+                .map(|t| human::ago(t, unix_ms()))
+                .unwrap_or_default()
+        )
+    } else {
+        "live".to_owned()
+    };
+    format!(
+        "{:<11} {:<12} {:>8}  {:<16} {}{}",
+        s.kind,
+        s.service,
+        s.pid,
+        state,
+        s.key,
+        if s.dead {
+            format!(" ({})", s.death_cause)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// A line of `holders`.
+fn holder_row(h: &pb::Holder) -> String {
+    let known = h
+        .memory
+        .iter()
+        .filter_map(|m| m.bytes)
+        .fold(0, u64::saturating_add);
+    let unknown = h.memory.iter().any(|m| m.bytes.is_none());
+    let mem = match (h.memory.is_empty(), unknown) {
+        (true, _) => "-".to_owned(),
+        (false, true) => format!("{}+?", human::bytes(known)),
+        (false, false) => human::bytes(known),
+    };
+    let grace = if h.verdict == "pending" {
+        human::millis(h.grace_left_ms as i64)
+    } else {
+        "-".to_owned()
+    };
+    let pod = if h.k8s_pod.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("{}/{}/{}", h.k8s_namespace, h.k8s_pod, h.k8s_container)
+    };
+    format!(
+        "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} {}",
+        h.pid,
+        h.comm,
+        if h.service.is_empty() {
+            "-"
+        } else {
+            &h.service
+        },
+        h.verdict,
+        mem,
+        grace,
+        pod,
+        h.session_keys.join(",")
+    )
 }
 
 fn print_status(s: &pb::GetStatusResponse) -> Result<(), Failure> {

@@ -86,7 +86,7 @@ impl GpuInventory {
 /// Joins NVML's view with procfs's into holders, and computes per-device attribution.
 pub fn join(
     report: Result<Report, String>,
-    mut fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
+    fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
     files: &DeviceFiles,
 ) -> Inventory {
     let (nvml, devices, warnings) = match report {
@@ -99,8 +99,25 @@ pub fn join(
         ),
         Err(reason) => (NvmlStatus::Unavailable { reason }, Vec::new(), Vec::new()),
     };
-
     let mut holders: BTreeMap<u32, Holder> = BTreeMap::new();
+    let mut devices = attribute(devices, &mut holders);
+    attribute_mig_parents(&mut devices);
+    add_procfs(&mut holders, fds, files);
+    Inventory {
+        nvml,
+        devices,
+        holders,
+        warnings,
+        nvml_duration: std::time::Duration::ZERO,
+    }
+}
+
+/// Each device's attributed memory (what NVML lists per process) and the rest; each listed
+/// process becomes a holder of its memory.
+fn attribute(
+    devices: Vec<(Device, Vec<ProcessEntry>)>,
+    holders: &mut BTreeMap<u32, Holder>,
+) -> Vec<Device> {
     let mut out_devices = Vec::with_capacity(devices.len());
     for (mut device, procs) in devices {
         device.attributed_bytes = procs
@@ -120,8 +137,12 @@ pub fn join(
         }
         out_devices.push(device);
     }
-    // A MIG parent's memory is its instances' (where the processes are listed) plus what no
-    // instance holds: count each byte once, on the instance when there is one.
+    out_devices
+}
+
+/// A MIG parent's memory is its instances' (where the processes are listed) plus what no
+/// instance holds: count each byte once, on the instance when there is one.
+fn attribute_mig_parents(out_devices: &mut [Device]) {
     let parents: Vec<String> = out_devices
         .iter()
         .filter_map(|d| d.parent_uuid.clone())
@@ -147,8 +168,16 @@ pub fn join(
         parent.attributed_bytes = attributed;
         parent.unattributed_bytes = parent.used_bytes.saturating_sub(used);
     }
-    // Processes holding device files that NVML does not list (e.g. a child that inherited
-    // the fds of its dead creator).
+}
+
+/// What /proc says of each holder: its device files and whether it is alive. Processes
+/// holding device files that NVML does not list (e.g. a child that inherited the fds of its
+/// dead creator) become holders too.
+fn add_procfs(
+    holders: &mut BTreeMap<u32, Holder>,
+    mut fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
+    files: &DeviceFiles,
+) {
     for pid in fds.keys() {
         holders.entry(*pid).or_insert_with(|| Holder::unseen(*pid));
     }
@@ -165,12 +194,5 @@ pub fn join(
             holder.ppid = Some(s.ppid);
             holder.start_time = Some(s.start_time);
         }
-    }
-    Inventory {
-        nvml,
-        devices: out_devices,
-        holders,
-        warnings,
-        nvml_duration: std::time::Duration::ZERO,
     }
 }

@@ -62,26 +62,41 @@ const VERDICTS: &[&str] = crate::reconcile::VerdictKind::NAMES;
 pub struct Metrics {
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
+    kernel: KernelMetrics,
+    sessions: Gauge<u64>,
+    session_deaths: Counter<u64>,
+    inventory: InventoryMetrics,
+    reclaim: ReclaimMetrics,
+    spans_exported: Counter<u64>,
+    spans_dropped: Counter<u64>,
+}
+
+/// Kernel events, and where each kind comes from.
+struct KernelMetrics {
     events: Counter<u64>,
     dropped: Counter<u64>,
     event_latency: Histogram<f64>,
-    sessions: Gauge<u64>,
-    session_deaths: Counter<u64>,
+    probe_mode: Gauge<u64>,
+    probe_capability: Gauge<u64>,
+}
+
+/// What each GPU inventory snapshot saw, and what it cost.
+struct InventoryMetrics {
     gpu_memory: Gauge<u64>,
     holders: Gauge<u64>,
+    nvml_up: Gauge<u64>,
+    nvml_errors: Counter<u64>,
+    inventory_duration: Histogram<f64>,
+    nvml_duration: Histogram<f64>,
+}
+
+/// Decisions, their outcomes, and what holds the executor back.
+struct ReclaimMetrics {
     reclaims: Counter<u64>,
     reclaimed_bytes: Counter<u64>,
     time_to_reclaim: Histogram<f64>,
     queue_depth: Gauge<u64>,
     breaker: Gauge<u64>,
-    nvml_up: Gauge<u64>,
-    nvml_errors: Counter<u64>,
-    inventory_duration: Histogram<f64>,
-    nvml_duration: Histogram<f64>,
-    spans_exported: Counter<u64>,
-    spans_dropped: Counter<u64>,
-    probe_mode: Gauge<u64>,
-    probe_capability: Gauge<u64>,
     ledger_errors: Counter<u64>,
 }
 
@@ -89,6 +104,14 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
     }
+}
+
+fn counter(meter: &Meter, name: &'static str, help: &'static str) -> Counter<u64> {
+    meter.u64_counter(name).with_description(help).build()
+}
+
+fn gauge(meter: &Meter, name: &'static str, help: &'static str) -> Gauge<u64> {
+    meter.u64_gauge(name).with_description(help).build()
 }
 
 fn seconds(
@@ -105,50 +128,64 @@ fn seconds(
         .build()
 }
 
-impl Metrics {
-    /// Metrics for the Prometheus endpoint, and over OTLP too when `telemetry` says where.
-    pub fn new(telemetry: &crate::config::TelemetryConfig) -> Result<Self, MetricsError> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .scope_info_enabled(false)
-            .build()?;
-        let mut builder = SdkMeterProvider::builder()
-            .with_reader(exporter)
-            .with_resource(super::resource());
-        if let Some(reader) = otlp_reader(telemetry)? {
-            builder = builder.with_reader(reader);
-        }
-        let provider = builder.build();
-        let m = provider.meter("reclaimd");
-        let counter = |name: &'static str, help: &'static str| {
-            m.u64_counter(name).with_description(help).build()
-        };
-        let gauge = |name: &'static str, help: &'static str| {
-            m.u64_gauge(name).with_description(help).build()
-        };
-        let me = Self {
-            events: counter("reclaimd_kernel_events", "Kernel events received, by kind"),
+/// The meter provider: read by the Prometheus exporter (into the returned registry), and by
+/// the OTLP exporter too when `telemetry` says where.
+fn provider(
+    telemetry: &crate::config::TelemetryConfig,
+) -> Result<(SdkMeterProvider, prometheus::Registry), MetricsError> {
+    let registry = prometheus::Registry::new();
+    let exporter = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .scope_info_enabled(false)
+        .build()?;
+    let mut builder = SdkMeterProvider::builder()
+        .with_reader(exporter)
+        .with_resource(super::resource());
+    if let Some(reader) = otlp_reader(telemetry)? {
+        builder = builder.with_reader(reader);
+    }
+    Ok((builder.build(), registry))
+}
+
+impl KernelMetrics {
+    fn new(m: &Meter) -> Self {
+        Self {
+            events: counter(
+                m,
+                "reclaimd_kernel_events",
+                "Kernel events received, by kind",
+            ),
             dropped: counter(
+                m,
                 "reclaimd_kernel_events_dropped",
                 "Kernel events lost because the ring buffer was full",
             ),
             event_latency: seconds(
-                &m,
+                m,
                 "reclaimd_kernel_event_latency",
                 "Kernel timestamp to receipt by the daemon",
                 vec![
                     1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0,
                 ],
             ),
-            sessions: gauge(
-                "reclaimd_sessions",
-                "Sessions in the table, by kind, service and state",
+            probe_mode: gauge(
+                m,
+                "reclaimd_probe_mode",
+                "1 for the event source in use: ebpf, or degraded proc-connector / proc-sweep",
             ),
-            session_deaths: counter(
-                "reclaimd_session_deaths",
-                "Deaths of sessions bound to GPU holders, by service and cause",
+            probe_capability: gauge(
+                m,
+                "reclaimd_probe_capability",
+                "1 for where each kernel capability's events come from: ebpf, or \
+                 proc-connector / proc-sweep / snapshot where this kernel lacks its programs",
             ),
+        }
+    }
+}
+
+impl InventoryMetrics {
+    fn new(m: &Meter) -> Self {
+        Self {
             gpu_memory: m
                 .u64_gauge("reclaimd_gpu_memory")
                 .with_unit("By")
@@ -156,8 +193,34 @@ impl Metrics {
                     "GPU memory per device: total, used, attributed, unattributed, orphaned",
                 )
                 .build(),
-            holders: gauge("reclaimd_holders", "GPU holders, by verdict"),
+            holders: gauge(m, "reclaimd_holders", "GPU holders, by verdict"),
+            nvml_up: gauge(m, "reclaimd_nvml_up", "1 while NVML answers"),
+            nvml_errors: counter(
+                m,
+                "reclaimd_nvml_errors",
+                "Inventory snapshots in which NVML could not be used",
+            ),
+            inventory_duration: seconds(
+                m,
+                "reclaimd_inventory_duration",
+                "One GPU inventory: NVML calls and the /proc device-file scan",
+                vec![1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0],
+            ),
+            nvml_duration: seconds(
+                m,
+                "reclaimd_nvml_query_duration",
+                "NVML calls of one inventory (devices, memory, process lists)",
+                vec![1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0],
+            ),
+        }
+    }
+}
+
+impl ReclaimMetrics {
+    fn new(m: &Meter) -> Self {
+        Self {
             reclaims: counter(
+                m,
                 "reclaimd_reclaims",
                 "Decisions settled, by service and outcome",
             ),
@@ -167,64 +230,69 @@ impl Metrics {
                 .with_description("GPU memory got back by reclaims, by service")
                 .build(),
             time_to_reclaim: seconds(
-                &m,
+                m,
                 "reclaimd_time_to_reclaim",
                 "Session death to verified reclaim",
                 vec![
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                 ],
             ),
-            queue_depth: gauge("reclaimd_queue_depth", "Decisions waiting for the executor"),
+            queue_depth: gauge(
+                m,
+                "reclaimd_queue_depth",
+                "Decisions waiting for the executor",
+            ),
             breaker: gauge(
+                m,
                 "reclaimd_breaker_tripped",
                 "1 while the breaker stops all action",
             ),
-            nvml_up: gauge("reclaimd_nvml_up", "1 while NVML answers"),
-            nvml_errors: counter(
-                "reclaimd_nvml_errors",
-                "Inventory snapshots in which NVML could not be used",
+            ledger_errors: counter(
+                m,
+                "reclaimd_ledger_errors",
+                "Decisions the ledger could not record (nothing was done; retried)",
             ),
-            inventory_duration: seconds(
+        }
+    }
+}
+
+impl Metrics {
+    /// Metrics for the Prometheus endpoint, and over OTLP too when `telemetry` says where.
+    pub fn new(telemetry: &crate::config::TelemetryConfig) -> Result<Self, MetricsError> {
+        let (provider, registry) = provider(telemetry)?;
+        let m = provider.meter("reclaimd");
+        let me = Self {
+            kernel: KernelMetrics::new(&m),
+            sessions: gauge(
                 &m,
-                "reclaimd_inventory_duration",
-                "One GPU inventory: NVML calls and the /proc device-file scan",
-                vec![1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0],
+                "reclaimd_sessions",
+                "Sessions in the table, by kind, service and state",
             ),
-            nvml_duration: seconds(
+            session_deaths: counter(
                 &m,
-                "reclaimd_nvml_query_duration",
-                "NVML calls of one inventory (devices, memory, process lists)",
-                vec![1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0],
+                "reclaimd_session_deaths",
+                "Deaths of sessions bound to GPU holders, by service and cause",
             ),
+            inventory: InventoryMetrics::new(&m),
+            reclaim: ReclaimMetrics::new(&m),
             spans_exported: counter(
+                &m,
                 "reclaimd_spans_exported",
                 "Trace spans the OTLP collector accepted",
             ),
             spans_dropped: counter(
+                &m,
                 "reclaimd_spans_dropped",
                 "Trace spans lost: the collector failed or was unreachable",
-            ),
-            probe_mode: gauge(
-                "reclaimd_probe_mode",
-                "1 for the event source in use: ebpf, or degraded proc-connector / proc-sweep",
-            ),
-            probe_capability: gauge(
-                "reclaimd_probe_capability",
-                "1 for where each kernel capability's events come from: ebpf, or \
-                 proc-connector / proc-sweep / snapshot where this kernel lacks its programs",
-            ),
-            ledger_errors: counter(
-                "reclaimd_ledger_errors",
-                "Decisions the ledger could not record (nothing was done; retried)",
             ),
             provider,
             registry,
         };
         // Counters that may stay at zero for a long time are exported from the start, so
         // rates over them show 0 instead of no data.
-        me.dropped.add(0, &[]);
-        me.nvml_errors.add(0, &[]);
-        me.ledger_errors.add(0, &[]);
+        me.kernel.dropped.add(0, &[]);
+        me.inventory.nvml_errors.add(0, &[]);
+        me.reclaim.ledger_errors.add(0, &[]);
         Ok(me)
     }
 
@@ -241,14 +309,17 @@ impl Metrics {
 
     pub fn event(&self, kind: &'static str, latency_ns: u64) {
         let k = [KeyValue::new("kind", kind)];
-        self.events.add(1, &k);
-        self.event_latency.record(latency_ns as f64 / 1e9, &k);
+        self.kernel.events.add(1, &k);
+        self.kernel
+            .event_latency
+            .record(latency_ns as f64 / 1e9, &k);
     }
 
     /// Every mode is reported (0 for the others), so a switch shows in one series.
     pub fn probe_mode(&self, mode: &'static str) {
         for m in ["ebpf", "proc-connector", "proc-sweep"] {
-            self.probe_mode
+            self.kernel
+                .probe_mode
                 .record(u64::from(m == mode), &[KeyValue::new("mode", m)]);
         }
     }
@@ -257,7 +328,7 @@ impl Metrics {
     pub fn capabilities(&self, caps: &[crate::probe::CapabilityStatus]) {
         for c in caps {
             for source in crate::probe::Source::ALL {
-                self.probe_capability.record(
+                self.kernel.probe_capability.record(
                     u64::from(source == c.source),
                     &[
                         KeyValue::new("capability", c.capability.name()),
@@ -269,11 +340,11 @@ impl Metrics {
     }
 
     pub fn ledger_error(&self) {
-        self.ledger_errors.add(1, &[]);
+        self.reclaim.ledger_errors.add(1, &[]);
     }
 
     pub fn dropped(&self, n: u64) {
-        self.dropped.add(n, &[]);
+        self.kernel.dropped.add(n, &[]);
     }
 
     pub fn session_death(&self, service: &str, cause: &str) {
@@ -288,14 +359,17 @@ impl Metrics {
 
     /// Per-snapshot state: GPU memory, holders by verdict, NVML health and cost.
     pub fn snapshot(&self, inv: &Inventory, assessments: &[Assessment], took: Duration) {
-        self.inventory_duration.record(took.as_secs_f64(), &[]);
+        self.inventory
+            .inventory_duration
+            .record(took.as_secs_f64(), &[]);
         let up = matches!(inv.nvml, crate::gpu::NvmlStatus::Available { .. });
-        self.nvml_up.record(u64::from(up), &[]);
+        self.inventory.nvml_up.record(u64::from(up), &[]);
         if up {
-            self.nvml_duration
+            self.inventory
+                .nvml_duration
                 .record(inv.nvml_duration.as_secs_f64(), &[]);
         } else {
-            self.nvml_errors.add(1, &[]);
+            self.inventory.nvml_errors.add(1, &[]);
         }
         for d in &inv.devices {
             let orphaned = crate::reconcile::orphaned_bytes(assessments, &d.uuid);
@@ -306,7 +380,7 @@ impl Metrics {
                 ("unattributed", d.unattributed_bytes),
                 ("orphaned", orphaned),
             ] {
-                self.gpu_memory.record(
+                self.inventory.gpu_memory.record(
                     v,
                     &[
                         KeyValue::new("device", d.uuid.clone()),
@@ -320,7 +394,8 @@ impl Metrics {
                 .iter()
                 .filter(|a| a.verdict.as_str() == v)
                 .count();
-            self.holders
+            self.inventory
+                .holders
                 .record(n as u64, &[KeyValue::new("verdict", v)]);
         }
     }
@@ -358,11 +433,13 @@ impl Metrics {
         }
         let mut with_outcome = labels.clone();
         with_outcome.push(KeyValue::new("outcome", outcome.as_str()));
-        self.reclaims.add(1, &with_outcome);
+        self.reclaim.reclaims.add(1, &with_outcome);
         if outcome == Outcome::Reclaimed {
-            self.reclaimed_bytes.add(freed.unwrap_or(0), &labels);
+            self.reclaim
+                .reclaimed_bytes
+                .add(freed.unwrap_or(0), &labels);
             if let Some(t) = ttr {
-                self.time_to_reclaim.record(t.as_secs_f64(), &[s]);
+                self.reclaim.time_to_reclaim.record(t.as_secs_f64(), &[s]);
             }
         }
     }
@@ -377,8 +454,8 @@ impl Metrics {
     }
 
     pub fn queue(&self, depth: usize, breaker_tripped: bool) {
-        self.queue_depth.record(depth as u64, &[]);
-        self.breaker.record(u64::from(breaker_tripped), &[]);
+        self.reclaim.queue_depth.record(depth as u64, &[]);
+        self.reclaim.breaker.record(u64::from(breaker_tripped), &[]);
     }
 
     /// The Prometheus text exposition of everything above.
