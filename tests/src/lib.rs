@@ -411,102 +411,148 @@ pub fn snapshot_until(
     }
 }
 
-/// A running `reclaimd run` with its own config, fake GPU and ledger.
-pub struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    pub config: PathBuf,
-    pub ledger: PathBuf,
-    pub log: Vec<String>,
+/// The metrics port of a daemon whose files are in `dir`: a free port, chosen once per
+/// directory (kept in `dir/metrics.port`).
+fn metrics_port_in(dir: &Path) -> u16 {
+    let file = dir.join("metrics.port");
+    if let Some(p) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+    {
+        return p;
+    }
+    let port = free_port();
+    std::fs::write(&file, port.to_string()).expect("write metrics.port");
+    port
 }
 
-impl Daemon {
-    /// Writes a config for `gpu` (enforce/report etc. in `policy`, TOML `[policy]` lines;
-    /// `services`, TOML `[[service]]` tables) and starts the daemon on it.
-    pub fn start(gpu: &FakeGpu, policy: &str, services: &str) -> Self {
-        let (config, ledger) =
-            Self::write_config(gpu, &format!("sweep = \"200ms\"\n{policy}"), services);
-        Self::start_with(config, ledger)
+/// A `[[service]]` table: `name`, matching the processes whose comm is `comm`.
+pub fn service(name: &str, comm: &str) -> toml::Table {
+    let mut matcher = toml::Table::new();
+    matcher.insert("comm".into(), vec![comm].into());
+    let mut t = toml::Table::new();
+    t.insert("name".into(), name.into());
+    t.insert("match".into(), matcher.into());
+    t
+}
+
+/// As `service`, with `scope = "connection"` on `ports`.
+pub fn connection_service(name: &str, comm: &str, ports: &[u16]) -> toml::Table {
+    let mut t = service(name, comm);
+    let ports: Vec<i64> = ports.iter().copied().map(i64::from).collect();
+    t.insert("ports".into(), ports.into());
+    t.insert("scope".into(), "connection".into());
+    t
+}
+
+/// The service most tests run: `llm`, the processes named `llm-server`.
+pub fn llm_service() -> toml::Table {
+    service("llm", "llm-server")
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// How to run a `reclaimd run` under test: its config, a TOML table built from values and
+/// written to `config.toml` in the test's directory, and how its process is started.
+///
+/// The defaults: `[policy] sweep = "200ms"` (`unset` it for the daemon's own 5 s), the
+/// ledger at `ledger.db`, metrics on `Daemon::metrics_port`, the API on `Daemon::api_socket`,
+/// `RUST_LOG=info`. Clone it to start a second daemon on the same config and ledger.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct DaemonBuilder {
+    dir: PathBuf,
+    config: toml::Table,
+    ledger: PathBuf,
+    rust_log: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    wrapper: Vec<String>,
+}
+
+impl DaemonBuilder {
+    /// Sets `key` of the `[policy]` table.
+    pub fn policy(self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.set("policy", key, value)
     }
 
-    /// Writes a config for `gpu` in its directory; returns the config's and ledger's paths.
-    pub fn write_config(gpu: &FakeGpu, policy: &str, services: &str) -> (PathBuf, PathBuf) {
-        Self::write_config_api(gpu, policy, "", services)
+    /// Sets `key` of the table `[table]` (created if needed), replacing any value it had.
+    pub fn set(mut self, table: &str, key: &str, value: impl Into<toml::Value>) -> Self {
+        let t = self
+            .config
+            .entry(table)
+            .or_insert_with(|| toml::Table::new().into())
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("[{table}] is not a table"));
+        t.insert(key.to_owned(), value.into());
+        self
     }
 
-    /// The metrics port of a daemon started on a config from `write_config`: a free port,
-    /// chosen once per test directory.
-    pub fn metrics_port(gpu: &FakeGpu) -> u16 {
-        let file = gpu.dir.path().join("metrics.port");
-        if let Some(p) = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            return p;
+    /// Removes `key` from `[table]`: the daemon's default applies.
+    pub fn unset(mut self, table: &str, key: &str) -> Self {
+        if let Some(t) = self.config.get_mut(table).and_then(|t| t.as_table_mut()) {
+            t.remove(key);
         }
-        let port = free_port();
-        std::fs::write(&file, port.to_string()).expect("write metrics.port");
-        port
+        self
     }
 
-    /// The API socket of a daemon started on a config from `write_config`.
-    pub fn api_socket(gpu: &FakeGpu) -> PathBuf {
-        gpu.dir.path().join("api.sock")
+    /// Adds a `[[service]]` table (see `service`, `connection_service`).
+    pub fn service(mut self, service: toml::Table) -> Self {
+        self.config
+            .entry("service")
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("service is an array of tables")
+            .push(service.into());
+        self
     }
 
-    /// As `write_config`, with more `[api]` lines.
-    pub fn write_config_api(
-        gpu: &FakeGpu,
-        policy: &str,
-        api: &str,
-        services: &str,
-    ) -> (PathBuf, PathBuf) {
-        let dir = gpu.dir.path();
-        let config = dir.join("config.toml");
-        let ledger = dir.join("ledger.db");
-        std::fs::write(
-            &config,
-            format!(
-                "[policy]\n{policy}\n\n[gpu]\nnvml_library = \"{}\"\n\
-                 device_glob = \"{}\"\n\n[ledger]\npath = \"{}\"\n\n\
-                 [metrics]\nlisten = \"127.0.0.1:{}\"\n\n\
-                 [api]\nsocket = \"{}\"\n{api}\n\n{services}\n",
-                gpu.lib.display(),
-                gpu.device_glob(),
-                ledger.display(),
-                Self::metrics_port(gpu),
-                Self::api_socket(gpu).display()
-            ),
-        )
-        .expect("write config");
-        (config, ledger)
+    /// The ledger at `path` instead of the test directory's `ledger.db`.
+    pub fn ledger(mut self, path: &Path) -> Self {
+        self.ledger = path.to_owned();
+        self.set("ledger", "path", utf8(path))
     }
 
-    /// Starts the daemon on an existing config.
-    pub fn start_with(config: PathBuf, ledger: PathBuf) -> Self {
-        Self::start_logging(config, ledger, "info")
+    /// `RUST_LOG` for the daemon (default `info`).
+    pub fn rust_log(mut self, filter: &str) -> Self {
+        filter.clone_into(&mut self.rust_log);
+        self
     }
 
-    /// Starts the daemon on an existing config with `RUST_LOG=rust_log`.
-    pub fn start_logging(config: PathBuf, ledger: PathBuf, rust_log: &str) -> Self {
-        Self::start_env(config, ledger, &[("RUST_LOG", rust_log)])
+    /// One more environment variable for the daemon.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
-    /// Starts the daemon on an existing config with more environment variables.
-    pub fn start_env(config: PathBuf, ledger: PathBuf, env: &[(&str, &str)]) -> Self {
-        Self::start_wrapped(&[], &[], config, ledger, env)
+    /// One more argument after `reclaimd run --config CONFIG`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
     }
 
-    /// Starts `wrapper… reclaimd run --config CONFIG args…` (a wrapper such as setpriv).
-    pub fn start_wrapped(
-        wrapper: &[&str],
-        args: &[&str],
-        config: PathBuf,
-        ledger: PathBuf,
-        env: &[(&str, &str)],
-    ) -> Self {
+    /// Runs `wrapper… reclaimd run …` (a wrapper such as setpriv or unshare).
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|&w| w.to_owned()).collect();
+        self
+    }
+
+    /// Writes the config (`config.toml` in the test's directory) without starting anything;
+    /// returns the config's and the ledger's paths.
+    pub fn write(&self) -> (PathBuf, PathBuf) {
+        let config = self.dir.join("config.toml");
+        let text = toml::to_string(&self.config).expect("config as TOML");
+        std::fs::write(&config, text).expect("write config");
+        (config, self.ledger.clone())
+    }
+
+    /// Writes the config and starts the daemon on it; returns once it runs.
+    pub fn start(self) -> Daemon {
+        let (config, ledger) = self.write();
         let bin = reclaimd_bin();
-        let mut cmd = match wrapper.split_first() {
+        let mut cmd = match self.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
                 c.args(rest).arg(bin);
@@ -517,9 +563,9 @@ impl Daemon {
         let mut child = cmd
             .args(["run", "--config"])
             .arg(&config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .args(&self.args)
+            .env("RUST_LOG", &self.rust_log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -535,7 +581,7 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Self {
+        let mut d = Daemon {
             child,
             lines,
             config,
@@ -544,6 +590,57 @@ impl Daemon {
         };
         d.wait_log("reclaimd running", Duration::from_secs(60));
         d
+    }
+}
+
+/// A running `reclaimd run` with its own config, fake GPU and ledger.
+pub struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    pub config: PathBuf,
+    pub ledger: PathBuf,
+    pub log: Vec<String>,
+}
+
+impl Daemon {
+    /// A daemon for `gpu` (its library and device files), everything else in its directory.
+    pub fn builder(gpu: &FakeGpu) -> DaemonBuilder {
+        Self::builder_in(gpu.dir.path())
+            .set("gpu", "nvml_library", utf8(&gpu.lib))
+            .set("gpu", "device_glob", gpu.device_glob())
+    }
+
+    /// A daemon whose files are in `dir`, on the NVML the system has (no `[gpu]` table).
+    pub fn builder_in(dir: &Path) -> DaemonBuilder {
+        let ledger = dir.join("ledger.db");
+        DaemonBuilder {
+            dir: dir.to_owned(),
+            config: toml::Table::new(),
+            ledger: ledger.clone(),
+            rust_log: "info".to_owned(),
+            env: Vec::new(),
+            args: Vec::new(),
+            wrapper: Vec::new(),
+        }
+        .policy("sweep", "200ms")
+        .ledger(&ledger)
+        .set(
+            "metrics",
+            "listen",
+            format!("127.0.0.1:{}", metrics_port_in(dir)),
+        )
+        .set("api", "socket", utf8(&dir.join("api.sock")))
+    }
+
+    /// The metrics port of a daemon from `Daemon::builder(gpu)`: a free port, chosen once per
+    /// test directory.
+    pub fn metrics_port(gpu: &FakeGpu) -> u16 {
+        metrics_port_in(gpu.dir.path())
+    }
+
+    /// The API socket of a daemon from `Daemon::builder(gpu)`.
+    pub fn api_socket(gpu: &FakeGpu) -> PathBuf {
+        gpu.dir.path().join("api.sock")
     }
 
     /// Waits for a log line containing `needle`.
@@ -902,33 +999,28 @@ impl Prometheus {
     }
 }
 
-/// A daemon (enforce, grace 0, `services`) that has reclaimed one 1 GiB worker of an
+/// A daemon (enforce, grace 0, the `llm` service) that has reclaimed one 1 GiB worker of an
 /// `llm-server` on device 0 (`device` is the fake's device line), with Prometheus-ready
 /// metrics on `Daemon::metrics_port`.
-pub fn daemon_after_a_reclaim(
-    gpu: &FakeGpu,
-    workload: &str,
-    device: &str,
-    services: &str,
-) -> Daemon {
-    daemon_after_a_reclaim_with(gpu, workload, device, services, "").0
+pub fn daemon_after_a_reclaim(gpu: &FakeGpu, workload: &str, device: &str) -> Daemon {
+    let daemon = Daemon::builder(gpu).service(llm_service());
+    daemon_after_a_reclaim_with(gpu, workload, device, daemon).0
 }
 
-/// As `daemon_after_a_reclaim`, with `extra` config after the policy (e.g. a `[telemetry]`
-/// table); also returns the server's and the worker's pids.
+/// As `daemon_after_a_reclaim`, for a daemon configured by `daemon` (its services, e.g. a
+/// `[telemetry]` table), set to enforce with grace 0; also returns the server's and the
+/// worker's pids.
 pub fn daemon_after_a_reclaim_with(
     gpu: &FakeGpu,
     workload: &str,
     device: &str,
-    services: &str,
-    extra: &str,
+    daemon: DaemonBuilder,
 ) -> (Daemon, u32, u32) {
     gpu.set_state(device);
-    let d = Daemon::start(
-        gpu,
-        &format!("mode = \"enforce\"\ngrace = \"0s\"\n{extra}"),
-        services,
-    );
+    let d = daemon
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .start();
     let device_file = gpu.device_file(0);
     let (server, worker) = spawn_server(
         workload,

@@ -7,7 +7,8 @@ use reclaimd::api::{
     pb::{self, event::Kind},
 };
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, kill, ledger_records, spawn_server, wait_for_record,
+    Daemon, DaemonBuilder, FakeGpu, Workload, alive, kill, ledger_records, llm_service,
+    spawn_server, wait_for_record,
 };
 use tonic::Code;
 
@@ -17,7 +18,6 @@ fn workload() -> String {
 
 const WAIT: Duration = Duration::from_secs(20);
 const DEVICE: &str = "device 0 GPU-api 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 const MIB: u64 = 1 << 20;
 
 struct Service {
@@ -43,19 +43,11 @@ fn services(gpu: &FakeGpu, n: usize) -> Vec<Service> {
     v
 }
 
-fn start(gpu: &FakeGpu, policy: &str) -> Daemon {
-    start_api(gpu, policy, "")
-}
-
-/// A daemon whose socket `nobody` may open (group nogroup), with more `[api]` lines.
-fn start_api(gpu: &FakeGpu, policy: &str, api: &str) -> Daemon {
-    let (config, ledger) = Daemon::write_config_api(
-        gpu,
-        &format!("sweep = \"200ms\"\n{policy}"),
-        &format!("group = \"nogroup\"\n{api}"),
-        LLM,
-    );
-    Daemon::start_with(config, ledger)
+/// A daemon whose socket `nobody` may open (group nogroup), with the `llm` service.
+fn daemon(gpu: &FakeGpu) -> DaemonBuilder {
+    Daemon::builder(gpu)
+        .set("api", "group", "nogroup")
+        .service(llm_service())
 }
 
 async fn connect(gpu: &FakeGpu) -> pb::reclaimd_client::ReclaimdClient<tonic::transport::Channel> {
@@ -98,7 +90,7 @@ fn invalid(r: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_filters_paging_and_bad_arguments() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start(&gpu, "grace = \"0s\"");
+    let d = daemon(&gpu).policy("grace", "0s").start();
     let s = services(&gpu, 3);
     let mut c = connect(&gpu).await;
     holders_until(&mut c, Default::default(), |h| {
@@ -308,7 +300,7 @@ async fn reads_filters_paging_and_bad_arguments() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_reclaim_is_for_admins_and_keeps_every_safety_rule() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start(&gpu, "grace = \"0s\"");
+    let d = daemon(&gpu).policy("grace", "0s").start();
     let s = services(&gpu, 1).pop().unwrap();
     // A holder outside every service.
     let outsider = Workload::spawn(&workload(), &["hold", gpu.device_file(0).to_str().unwrap()]);
@@ -402,7 +394,7 @@ async fn manual_reclaim_is_for_admins_and_keeps_every_safety_rule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_the_admin_group_may_reclaim() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start_api(&gpu, "", "admin_group = \"nogroup\"");
+    let d = daemon(&gpu).set("api", "admin_group", "nogroup").start();
     let s = services(&gpu, 1).pop().unwrap();
     let mut c = connect(&gpu).await;
     holders_until(&mut c, Default::default(), |h| {
@@ -438,7 +430,10 @@ async fn members_of_the_admin_group_may_reclaim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_deaths_verdicts_and_outcomes() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"");
+    let d = daemon(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .start();
     let mut c = connect(&gpu).await;
     let mut stream = c
         .watch_events(pb::WatchEventsRequest {})
@@ -485,7 +480,10 @@ async fn watch_streams_deaths_verdicts_and_outcomes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watcher_is_dropped_and_slows_nothing() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start_api(&gpu, "grace = \"0s\"", "watch_buffer = 16");
+    let d = daemon(&gpu)
+        .policy("grace", "0s")
+        .set("api", "watch_buffer", 16)
+        .start();
     let socket = Daemon::api_socket(&gpu);
     // A client whose HTTP/2 windows hold one byte: until it reads, nothing gets through.
     let stalled_channel = client::channel_on(
@@ -561,7 +559,11 @@ async fn a_stalled_watcher_is_dropped_and_slows_nothing() {
 #[test]
 fn a_tcp_listener_without_tls_refuses_to_start() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, _) = Daemon::write_config_api(&gpu, "", "listen = \"127.0.0.1:7443\"", LLM);
+    let (config, _) = Daemon::builder(&gpu)
+        .unset("policy", "sweep")
+        .set("api", "listen", "127.0.0.1:7443")
+        .service(llm_service())
+        .write();
     let out = std::process::Command::new(reclaimd_tests::reclaimd_bin())
         .args(["run", "--check", "--config"])
         .arg(&config)
@@ -575,7 +577,7 @@ fn a_tcp_listener_without_tls_refuses_to_start() {
 #[test]
 fn health_and_reflection_answer_a_generic_client() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = start(&gpu, "");
+    let d = daemon(&gpu).start();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/generic_client.py");
     let out = std::process::Command::new("python3")
         .arg(script)
@@ -655,18 +657,13 @@ async fn tcp_needs_a_client_certificate_and_is_read_only() {
     let gpu = FakeGpu::new(DEVICE);
     let [ca, server_cert, server_key, client_cert, client_key] = certificates(gpu.dir.path());
     let port = reclaimd_tests::free_port();
-    let (config, ledger) = Daemon::write_config_api(
-        &gpu,
-        "sweep = \"200ms\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"",
-            server_cert.display(),
-            server_key.display(),
-            ca.display()
-        ),
-        LLM,
-    );
-    let d = Daemon::start_with(config, ledger);
+    let d = Daemon::builder(&gpu)
+        .set("api", "listen", format!("127.0.0.1:{port}"))
+        .set("api", "tls_cert", server_cert.to_str().unwrap())
+        .set("api", "tls_key", server_key.to_str().unwrap())
+        .set("api", "client_ca", ca.to_str().unwrap())
+        .service(llm_service())
+        .start();
     let read = |p: &std::path::Path| std::fs::read(p).unwrap();
     let endpoint = |tls: ClientTlsConfig| {
         Endpoint::from_shared(format!("https://localhost:{port}"))

@@ -1193,11 +1193,9 @@ fn api_requests_of_any_content_are_answered_or_refused_and_change_nothing() {
         "device 0 GPU-fuzz 16384 Fake\nproc 0 {} 64 compute\n",
         bystander.pid()
     ));
-    let d = Daemon::start(
-        &gpu,
-        "",
-        "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n",
-    );
+    let d = Daemon::builder(&gpu)
+        .service(reclaimd_tests::llm_service())
+        .start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

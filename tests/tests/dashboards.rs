@@ -10,7 +10,6 @@ fn workload() -> String {
 }
 
 const DEVICE: &str = "device 0 GPU-dash 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
 fn dashboards_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards"))
@@ -137,7 +136,7 @@ fn substitute(expr: &str) -> String {
 #[test]
 fn every_dashboard_query_parses_and_returns_data_after_a_reclaim() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = reclaimd_tests::daemon_after_a_reclaim(&gpu, &workload(), DEVICE, LLM);
+    let d = reclaimd_tests::daemon_after_a_reclaim(&gpu, &workload(), DEVICE);
     let p = prometheus(&format!("127.0.0.1:{}", Daemon::metrics_port(&gpu)));
     p.query_until("up", |r| !r.is_empty());
     let mut checked = 0;

@@ -1,29 +1,28 @@
 //! The degraded mode: where eBPF cannot load, or is turned off, the daemon runs on the
 //! kernel's proc connector and a /proc sweep, says so (status, metrics, log), and still
 //! reclaims. Real kernel, real processes, the fake NVML.
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
-    Daemon, FakeGpu, TwoConnections, alive, free_port, kill, reclaimctl_bin, reclaimctl_json,
-    spawn_server, wait_for_record, wait_until_bound,
+    Daemon, DaemonBuilder, FakeGpu, TwoConnections, alive, connection_service, free_port, kill,
+    llm_service, reclaimctl_bin, reclaimctl_json, spawn_server, wait_for_record, wait_until_bound,
 };
 use serde_json::Value;
 
 const DEVICE: &str = "device 0 GPU-fallback 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn workload() -> String {
     reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
 }
 
-fn config(gpu: &FakeGpu, probe: &str, services: &str) -> (PathBuf, PathBuf) {
-    Daemon::write_config(
-        gpu,
-        &format!("sweep = \"5s\"\nmode = \"enforce\"\ngrace = \"0s\"\n\n[probe]\n{probe}"),
-        services,
-    )
+/// Enforce, grace 0, the sweep at 5 s: deaths found in well under a sweep came from events.
+fn daemon(gpu: &FakeGpu) -> DaemonBuilder {
+    Daemon::builder(gpu)
+        .policy("sweep", "5s")
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
 }
 
 fn status(gpu: &FakeGpu) -> Value {
@@ -71,8 +70,7 @@ fn reclaim_one(gpu: &FakeGpu, ledger: &std::path::Path) -> reclaimd::ledger::Rec
 #[test]
 fn no_ebpf_flag_runs_on_the_proc_connector_says_so_and_reclaims() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = config(&gpu, "", LLM);
-    let mut d = Daemon::start_wrapped(&[], &["--no-ebpf"], config, ledger.clone(), &[]);
+    let mut d = daemon(&gpu).service(llm_service()).arg("--no-ebpf").start();
     d.wait_log("DEGRADED", WAIT);
     let s = status(&gpu);
     assert_eq!(s["probe_mode"], "proc-connector", "{s}");
@@ -112,7 +110,7 @@ fn no_ebpf_flag_runs_on_the_proc_connector_says_so_and_reclaims() {
     assert_eq!(capability_metric(&gpu, "tcp", "proc-sweep"), Some(1.0));
     assert_eq!(capability_metric(&gpu, "tcp", "ebpf"), Some(0.0));
 
-    let r = reclaim_one(&gpu, &ledger);
+    let r = reclaim_one(&gpu, &d.ledger);
     // The exit came from the connector, not from the 5 s sweep: well under a sweep.
     let ms = r.resolution.unwrap().time_to_reclaim_ms.unwrap();
     assert!(ms < 5000, "death → verified took {ms} ms");
@@ -123,8 +121,10 @@ fn no_ebpf_flag_runs_on_the_proc_connector_says_so_and_reclaims() {
 #[test]
 fn where_ebpf_cannot_load_auto_mode_falls_back_and_says_why() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = config(&gpu, "btf = \"/nonexistent/vmlinux\"\n", LLM);
-    let d = Daemon::start_with(config, ledger.clone());
+    let d = daemon(&gpu)
+        .set("probe", "btf", "/nonexistent/vmlinux")
+        .service(llm_service())
+        .start();
     let s = status(&gpu);
     assert_eq!(s["probe_mode"], "proc-connector", "{s}");
     let why = s["probe_degraded_reason"].as_str().unwrap();
@@ -149,18 +149,18 @@ fn where_ebpf_cannot_load_auto_mode_falls_back_and_says_why() {
         tcp.contains("proc-sweep") && tcp.contains("/nonexistent/vmlinux"),
         "{tcp}"
     );
-    reclaim_one(&gpu, &ledger);
+    reclaim_one(&gpu, &d.ledger);
     d.stop();
 }
 
 #[test]
 fn ebpf_mode_refuses_to_start_without_ebpf() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, _) = config(
-        &gpu,
-        "mode = \"ebpf\"\nbtf = \"/nonexistent/vmlinux\"\n",
-        LLM,
-    );
+    let (config, _) = daemon(&gpu)
+        .set("probe", "mode", "ebpf")
+        .set("probe", "btf", "/nonexistent/vmlinux")
+        .service(llm_service())
+        .write();
     let out = Command::new(reclaimd_tests::reclaimd_bin())
         .args(["run", "--config"])
         .arg(&config)
@@ -177,16 +177,14 @@ fn ebpf_mode_refuses_to_start_without_ebpf() {
 #[test]
 fn without_the_connector_the_sweep_alone_still_reclaims() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = config(&gpu, "fallback_sweep = \"300ms\"\n", LLM);
     // The proc connector only answers in the host's network namespace. (The metrics
     // endpoint is then out of reach; the API's Unix socket is not.)
-    let d = Daemon::start_wrapped(
-        &["unshare", "--net"],
-        &["--no-ebpf"],
-        config,
-        ledger.clone(),
-        &[],
-    );
+    let d = daemon(&gpu)
+        .set("probe", "fallback_sweep", "300ms")
+        .service(llm_service())
+        .wrapper(&["unshare", "--net"])
+        .arg("--no-ebpf")
+        .start();
     let s = status(&gpu);
     assert_eq!(s["probe_mode"], "proc-sweep", "{s}");
     assert!(
@@ -196,7 +194,7 @@ fn without_the_connector_the_sweep_alone_still_reclaims() {
             .contains("proc connector unavailable"),
         "{s}"
     );
-    let r = reclaim_one(&gpu, &ledger);
+    let r = reclaim_one(&gpu, &d.ledger);
     assert_eq!(r.decision.session_kind, "process");
     d.stop();
 }
@@ -205,15 +203,11 @@ fn without_the_connector_the_sweep_alone_still_reclaims() {
 fn in_fallback_a_closed_connection_is_found_by_the_socket_sweep() {
     let gpu = FakeGpu::new(DEVICE);
     let port = free_port();
-    let (config, ledger) = config(
-        &gpu,
-        "fallback_sweep = \"300ms\"\n",
-        &format!(
-            "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
-             ports = [{port}]\nscope = \"connection\"\n"
-        ),
-    );
-    let d = Daemon::start_wrapped(&[], &["--no-ebpf"], config, ledger.clone(), &[]);
+    let d = daemon(&gpu)
+        .set("probe", "fallback_sweep", "300ms")
+        .service(connection_service("api", "api-server", &[port]))
+        .arg("--no-ebpf")
+        .start();
     let addr = format!("127.0.0.1:{port}");
     let TwoConnections {
         server,
@@ -225,7 +219,7 @@ fn in_fallback_a_closed_connection_is_found_by_the_socket_sweep() {
     // Two sweeps: both connections are in the table before one closes.
     std::thread::sleep(Duration::from_millis(800));
     drop(leave);
-    let r = wait_for_record(&ledger, w_leave, WAIT);
+    let r = wait_for_record(&d.ledger, w_leave, WAIT);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert_eq!(r.decision.session_kind, "connection");
     // Seen by the sweep ("found CLOSE_WAIT"), not by a socket event.

@@ -2,23 +2,30 @@
 //! NVML failing in the middle of a run. Real kernel, real processes, the fake NVML; the
 //! tiny-ring overflow and the unreachable collector are in reclaim_e2e and otlp.
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, kill, ledger_records, reclaimctl_json, spawn_server,
-    wait_for_record, wait_until_bound,
+    Daemon, DaemonBuilder, FakeGpu, Workload, alive, kill, ledger_records, llm_service,
+    reclaimctl_json, spawn_server, wait_for_record, wait_until_bound,
 };
 
 const DEVICE: &str = "device 0 GPU-faults 81920 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn workload() -> String {
     reclaimd_tests::workload_bin(env!("CARGO_BIN_EXE_workload"))
+}
+
+/// A daemon for `gpu` with the `llm` service, in enforce mode with grace 0.
+fn enforce(gpu: &FakeGpu) -> DaemonBuilder {
+    Daemon::builder(gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(llm_service())
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -35,11 +42,8 @@ fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
     let gpu = FakeGpu::new(DEVICE);
     // Workers ignore SIGTERM: each reclaim takes term_grace, so the burst is still going
     // when the daemon dies.
-    let d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\nterm_grace = \"700ms\"",
-        LLM,
-    );
+    let daemon = enforce(&gpu).policy("term_grace", "700ms");
+    let d = daemon.clone().start();
     let device = gpu.device_file(0);
     let device = device.to_str().unwrap();
     let services: Vec<(Workload, u32)> = (0..N)
@@ -64,7 +68,7 @@ fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
             .iter()
             .any(|r| r.outcome == Outcome::Reclaimed)
     });
-    let (config, ledger) = (d.config.clone(), d.ledger.clone());
+    let ledger = d.ledger.clone();
     d.kill9();
     let dead_at_crash: Vec<u32> = workers.iter().copied().filter(|w| !alive(*w)).collect();
     let before = ledger_records(&ledger);
@@ -80,7 +84,7 @@ fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
         );
     }
 
-    let d = Daemon::start_with(config, ledger.clone());
+    let d = daemon.start();
     wait_until("every worker reclaimed after the restart", || {
         let recs = ledger_records(&ledger);
         workers.iter().all(|w| {
@@ -152,28 +156,15 @@ fn status_of(gpu: &FakeGpu) -> serde_json::Value {
     reclaimctl_json(gpu, &["status"])
 }
 
-fn with_ledger_at(config: &Path, old: &Path, new: &Path) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let text = text.replace(
-        &format!("path = \"{}\"", old.display()),
-        &format!("path = \"{}\"", new.display()),
-    );
-    assert!(text.contains(&new.display().to_string()));
-    std::fs::write(config, text).unwrap();
-}
-
 #[test]
 fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
     let gpu = FakeGpu::new(DEVICE);
     let disk = SmallDisk::mount(gpu.dir.path().join("ledgerfs"), "1m");
-    let (config, default_ledger) = Daemon::write_config(
-        &gpu,
-        "sweep = \"300ms\"\nmode = \"enforce\"\ngrace = \"0s\"",
-        LLM,
-    );
     let ledger = disk.dir.join("ledger.db");
-    with_ledger_at(&config, &default_ledger, &ledger);
-    let mut d = Daemon::start_with(config, ledger.clone());
+    let mut d = enforce(&gpu)
+        .policy("sweep", "300ms")
+        .ledger(&ledger)
+        .start();
     let device = gpu.device_file(0);
     let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 1024 compute\n"));
@@ -236,7 +227,7 @@ fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
 #[test]
 fn nvml_failing_mid_run_then_back_loses_no_orphan() {
     let gpu = FakeGpu::new(DEVICE);
-    let mut d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let mut d = enforce(&gpu).start();
     let device = gpu.device_file(0);
     let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     let listed = format!("{DEVICE}\nproc 0 {worker} 1024 compute\n");

@@ -10,8 +10,8 @@ use reclaimd::{
     ledger::Outcome,
 };
 use reclaimd_tests::{
-    Daemon, TempDir, Workload, alive, kill, nvidia_driver_present, snapshot_until, spawn_server,
-    wait_for_record,
+    Daemon, TempDir, Workload, alive, kill, llm_service, nvidia_driver_present, snapshot_until,
+    spawn_server, wait_for_record,
 };
 
 fn workload() -> String {
@@ -100,20 +100,15 @@ fn real_driver_end_to_end_reclaim() {
     assert!(nvidia_driver_present(), "no NVIDIA driver loaded");
     const HOLD_MIB: u64 = 768;
     let dir = TempDir::new("real-e2e");
-    let config = dir.path().join("config.toml");
-    let ledger = dir.path().join("ledger.db");
-    std::fs::write(
-        &config,
-        format!(
-            "[policy]\nmode = \"enforce\"\ngrace = \"0s\"\nsweep = \"500ms\"\n\n\
-             [ledger]\npath = \"{}\"\n\n[metrics]\nlisten = \"\"\n\n[api]\nsocket = \"{}\"\n\n\
-             [[service]]\nname = \"llm\"\nmatch = {{ comm = [\"llm-server\"] }}\n",
-            ledger.display(),
-            dir.path().join("api.sock").display()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start_with(config, ledger.clone());
+    // The system's NVML: no [gpu] table.
+    let d = Daemon::builder_in(dir.path())
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .policy("sweep", "500ms")
+        .set("metrics", "listen", "")
+        .service(llm_service())
+        .start();
+    let ledger = d.ledger.clone();
     let (server, worker) =
         spawn_server(&workload(), "llm-server", &format!("cuda:{HOLD_MIB}"), &[]);
     // Let the daemon see the worker hold its memory before the server dies.

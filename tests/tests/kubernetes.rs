@@ -9,12 +9,12 @@ use std::{
 
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
-    Daemon, FakeGpu, kill, reclaimctl_json, spawn_server, start_receiver, wait_for_record,
+    Daemon, FakeGpu, kill, llm_service, reclaimctl_json, spawn_server, start_receiver,
+    wait_for_record,
 };
 use serde_json::Value;
 
 const DEVICE: &str = "device 0 GPU-k8s 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 const CONTAINER_ID: &str = "5e0c6d4f3b2a19087f6e5d4c3b2a1908f7e6d5c4b3a29180f7e6d5c4b3a2f1e0";
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -79,16 +79,17 @@ fn a_reclaimed_pod_container_is_named_in_span_metrics_and_api() {
         "",
     )
     .unwrap();
-    let (config, ledger) = Daemon::write_config(
-        &gpu,
-        "sweep = \"200ms\"\nmode = \"enforce\"\ngrace = \"0s\"",
-        &format!(
-            "{LLM}\n[kubernetes]\ncontainers_dir = \"{}\"\n\n[telemetry]\n\
-             otlp_endpoint = \"http://127.0.0.1:{port}\"\n",
-            logs.display()
-        ),
-    );
-    let d = Daemon::start_with(config, ledger.clone());
+    let d = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(llm_service())
+        .set("kubernetes", "containers_dir", logs.to_str().unwrap())
+        .set(
+            "telemetry",
+            "otlp_endpoint",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .start();
     let cgroup = PodCgroup::create("7d1c0b3e-44aa-4c1e-9d8f-0123456789ab");
 
     let device = gpu.device_file(0);
@@ -116,7 +117,7 @@ fn a_reclaimed_pod_container_is_named_in_span_metrics_and_api() {
     assert_eq!(listed["k8s_container"], "server");
 
     kill(server.pid());
-    let r = wait_for_record(&ledger, worker, WAIT);
+    let r = wait_for_record(&d.ledger, worker, WAIT);
     let _ = server.finish();
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert!(

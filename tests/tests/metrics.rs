@@ -10,11 +10,10 @@ fn workload() -> String {
 }
 
 const DEVICE: &str = "device 0 GPU-metrics 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
 /// A daemon (enforce, grace 0) that has reclaimed one 1 GiB worker.
 fn after_a_reclaim(gpu: &FakeGpu) -> Daemon {
-    reclaimd_tests::daemon_after_a_reclaim(gpu, &workload(), DEVICE, LLM)
+    reclaimd_tests::daemon_after_a_reclaim(gpu, &workload(), DEVICE)
 }
 
 fn get(url: &str) -> String {

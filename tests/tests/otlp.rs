@@ -3,7 +3,9 @@
 //! metrics (flushed when the daemon stops).
 use std::time::{Duration, Instant};
 
-use reclaimd_tests::{Daemon, FakeGpu, daemon_after_a_reclaim_with, free_port, start_receiver};
+use reclaimd_tests::{
+    Daemon, FakeGpu, daemon_after_a_reclaim_with, free_port, llm_service, start_receiver,
+};
 use serde_json::Value;
 
 fn workload() -> String {
@@ -11,7 +13,6 @@ fn workload() -> String {
 }
 
 const DEVICE: &str = "device 0 GPU-trace 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
 /// Waits (the batch goes out every 5 s) until the daemon's /metrics has `series` above 0.
 fn wait_for_metric(gpu: &FakeGpu, series: &str) {
@@ -35,15 +36,15 @@ fn spans_of_a_reclaim(protocol: &str) {
     let (port, mut receiver, rx) = start_receiver(if protocol == "grpc" { "grpc" } else { "http" });
 
     let gpu = FakeGpu::new(DEVICE);
-    let (d, server, worker) = daemon_after_a_reclaim_with(
-        &gpu,
-        &workload(),
-        DEVICE,
-        LLM,
-        &format!(
-            "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"{protocol}\"\n"
-        ),
-    );
+    let daemon = Daemon::builder(&gpu)
+        .service(llm_service())
+        .set(
+            "telemetry",
+            "otlp_endpoint",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .set("telemetry", "otlp_protocol", protocol);
+    let (d, server, worker) = daemon_after_a_reclaim_with(&gpu, &workload(), DEVICE, daemon);
     wait_for_metric(&gpu, "reclaimd_spans_exported_total");
     // Stopping flushes the batch; the session span ends then if not before.
     d.stop();
@@ -142,13 +143,12 @@ fn an_unreachable_collector_blocks_nothing() {
     let nobody_listens = free_port();
     let gpu = FakeGpu::new(DEVICE);
     // The reclaim itself is asserted inside: it happens as without tracing.
-    let (d, _, _) = daemon_after_a_reclaim_with(
-        &gpu,
-        &workload(),
-        DEVICE,
-        LLM,
-        &format!("\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{nobody_listens}\"\n"),
+    let daemon = Daemon::builder(&gpu).service(llm_service()).set(
+        "telemetry",
+        "otlp_endpoint",
+        format!("http://127.0.0.1:{nobody_listens}"),
     );
+    let (d, _, _) = daemon_after_a_reclaim_with(&gpu, &workload(), DEVICE, daemon);
     // What the collector did not take is counted (on the daemon's own metrics).
     wait_for_metric(
         &gpu,
@@ -169,17 +169,13 @@ fn the_standard_otel_variables_alone_turn_export_on() {
             .expect("the receiver spoke")
     };
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = Daemon::write_config(&gpu, "sweep = \"200ms\"", LLM);
     let endpoint = format!("http://127.0.0.1:{port}");
-    let d = Daemon::start_env(
-        config,
-        ledger,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_SERVICE_NAME", "reclaimd-from-env"),
-        ],
-    );
+    let d = Daemon::builder(&gpu)
+        .service(llm_service())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_SERVICE_NAME", "reclaimd-from-env")
+        .start();
     // Shutdown flushes the metrics: proof enough that the variables alone switched it on.
     d.stop();
     let first: Value = serde_json::from_str(&next()).unwrap();

@@ -4,8 +4,9 @@ use std::{process::Command, time::Duration};
 
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
-    Daemon, FakeGpu, TwoConnections, Workload, alive, free_port, kill, ledger_records,
-    reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record, wait_until_bound,
+    Daemon, FakeGpu, TwoConnections, Workload, alive, connection_service, free_port, kill,
+    ledger_records, llm_service, reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record,
+    wait_until_bound,
 };
 
 fn workload() -> String {
@@ -14,7 +15,6 @@ fn workload() -> String {
 
 const WAIT: Duration = Duration::from_secs(20);
 const DEVICE: &str = "device 0 GPU-e2e 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
 /// A service server with one GPU worker listed in NVML with `mib`.
 struct Service {
@@ -53,10 +53,18 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
     false
 }
 
+/// A daemon for `gpu` with the `llm` service, in enforce mode with grace 0 unless changed.
+fn enforce(gpu: &FakeGpu) -> reclaimd_tests::DaemonBuilder {
+    Daemon::builder(gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(llm_service())
+}
+
 #[test]
 fn enforce_reclaims_the_worker_of_a_killed_server() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let d = enforce(&gpu).start();
     // With eBPF on every kernel of the matrix, not the fallback: process deaths and TCP
     // closes come from the programs.
     let status = reclaimctl_json(&gpu, &["status"]);
@@ -98,7 +106,10 @@ fn enforce_reclaims_the_worker_of_a_killed_server() {
 fn report_mode_records_and_signals_nothing() {
     let gpu = FakeGpu::new(DEVICE);
     // Report is the default: no mode line at all.
-    let d = Daemon::start(&gpu, "grace = \"0s\"", LLM);
+    let d = Daemon::builder(&gpu)
+        .policy("grace", "0s")
+        .service(llm_service())
+        .start();
     let s = start_service(&gpu, "llm-server", 512, &[]);
     let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Skipped);
@@ -118,7 +129,7 @@ fn report_mode_records_and_signals_nothing() {
 #[test]
 fn a_child_holding_an_inherited_handle_is_reclaimed_not_its_dead_creator() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let d = enforce(&gpu).start();
     let s = start_service(&gpu, "llm-server", 1024, &["inherit"]);
     let server_pid = s.server.pid();
     wait_until_bound(&gpu, &[s.worker]);
@@ -151,11 +162,7 @@ fn a_child_holding_an_inherited_handle_is_reclaimed_not_its_dead_creator() {
 #[test]
 fn a_worker_ignoring_sigterm_gets_sigkill() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\nterm_grace = \"300ms\"",
-        LLM,
-    );
+    let d = enforce(&gpu).policy("term_grace", "300ms").start();
     let s = start_service(&gpu, "llm-server", 256, &["ignore-term"]);
     let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
@@ -169,7 +176,7 @@ fn a_worker_ignoring_sigterm_gets_sigkill() {
 #[test]
 fn a_worker_that_lets_go_by_itself_is_released_not_reclaimed() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"3s\"", LLM);
+    let d = enforce(&gpu).policy("grace", "3s").start();
     let s = start_service(&gpu, "llm-server", 256, &[]);
     wait_until_bound(&gpu, &[s.worker]);
     kill(s.server.pid());
@@ -197,11 +204,7 @@ fn a_worker_that_lets_go_by_itself_is_released_not_reclaimed() {
 #[test]
 fn outsiders_and_protected_holders_are_never_signalled() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\nprotect = [\"gpu-worker\"]",
-        LLM,
-    );
+    let d = enforce(&gpu).policy("protect", vec!["gpu-worker"]).start();
     // Protected: a real orphan of the service, on the protect list.
     let s = start_service(&gpu, "llm-server", 256, &[]);
     // Outsider: holds a device file and NVML memory, belongs to no service.
@@ -232,11 +235,7 @@ fn outsiders_and_protected_holders_are_never_signalled() {
 #[test]
 fn the_breaker_trips_on_a_flood() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\nmax_reclaims_per_minute = 2",
-        LLM,
-    );
+    let d = enforce(&gpu).policy("max_reclaims_per_minute", 2).start();
     let services: Vec<Service> = (0..4)
         .map(|_| start_service(&gpu, "llm-server", 64, &[]))
         .collect();
@@ -277,11 +276,7 @@ fn the_breaker_trips_on_a_flood() {
 #[test]
 fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
     let gpu = FakeGpu::new(DEVICE);
-    let mut d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\n\n[probe]\nring_bytes = 4096",
-        LLM,
-    );
+    let mut d = enforce(&gpu).set("probe", "ring_bytes", 4096).start();
     let s = start_service(&gpu, "llm-server", 256, &[]);
     wait_until_bound(&gpu, &[s.worker]);
     // With the daemon stopped, a flood fills the 4 KiB ring; the server's exit comes after
@@ -312,7 +307,7 @@ fn a_death_whose_event_was_lost_is_found_by_the_sweep() {
 fn without_nvml_the_daemon_runs_says_so_once_and_recovers() {
     // Driver not loaded: every NVML init fails with NVML_ERROR_DRIVER_NOT_LOADED.
     let gpu = FakeGpu::new(&format!("{DEVICE}\nfail nvmlInit_v2 9\n"));
-    let mut d = Daemon::start(&gpu, "", LLM);
+    let mut d = Daemon::builder(&gpu).service(llm_service()).start();
     d.wait_log("NVML unavailable", WAIT);
     std::thread::sleep(Duration::from_millis(2500)); // a dozen sweeps, two retries
     d.drain_log();
@@ -336,14 +331,11 @@ fn without_nvml_the_daemon_runs_says_so_once_and_recovers() {
 fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
     let gpu = FakeGpu::new(DEVICE);
     let port = free_port();
-    let d = Daemon::start(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"",
-        &format!(
-            "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
-             ports = [{port}]\nscope = \"connection\"\n"
-        ),
-    );
+    let d = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(connection_service("api", "api-server", &[port]))
+        .start();
     let addr = format!("127.0.0.1:{port}");
     let TwoConnections {
         server,
@@ -378,7 +370,8 @@ fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
 #[test]
 fn after_a_restart_orphans_are_found_again_and_the_ledger_is_kept() {
     let gpu = FakeGpu::new(DEVICE);
-    let d = Daemon::start(&gpu, "mode = \"enforce\"\ngrace = \"0s\"", LLM);
+    let daemon = enforce(&gpu);
+    let d = daemon.clone().start();
     // A first reclaim, so the ledger has a record before the crash.
     let first = start_service(&gpu, "llm-server", 64, &[]);
     let r = kill_server_and_wait(&gpu, &d, &first);
@@ -388,14 +381,13 @@ fn after_a_restart_orphans_are_found_again_and_the_ledger_is_kept() {
     // A second service is seen (and its lineage remembered), then the daemon dies.
     let s = start_service(&gpu, "llm-server", 128, &[]);
     wait_until_bound(&gpu, &[s.worker]);
-    let (config, ledger) = (d.config.clone(), d.ledger.clone());
     d.kill9();
     // While reclaimd is down, the server dies: its worker is reparented.
     kill(s.server.pid());
     std::thread::sleep(Duration::from_millis(200));
     assert!(alive(s.worker));
 
-    let d = Daemon::start_with(config, ledger);
+    let d = daemon.start();
     let r = wait_for_record(&d.ledger, s.worker, WAIT);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert!(!alive(s.worker));

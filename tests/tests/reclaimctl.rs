@@ -5,8 +5,8 @@ use std::{
 };
 
 use reclaimd_tests::{
-    Daemon, FakeGpu, kill, reclaimctl_bin, reclaimctl_json, spawn_server, wait_for_record,
-    wait_until_bound,
+    Daemon, FakeGpu, kill, llm_service, reclaimctl_bin, reclaimctl_json, spawn_server,
+    wait_for_record, wait_until_bound,
 };
 use serde_json::Value;
 
@@ -15,7 +15,6 @@ fn workload() -> String {
 }
 
 const DEVICE: &str = "device 0 GPU-ctl 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 
 fn ctl(gpu: &FakeGpu, args: &[&str]) -> Output {
     Command::new(reclaimctl_bin())
@@ -29,18 +28,17 @@ fn ctl(gpu: &FakeGpu, args: &[&str]) -> Output {
 #[test]
 fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = Daemon::write_config(
-        &gpu,
-        "sweep = \"200ms\"\nmode = \"enforce\"\ngrace = \"0s\"",
-        LLM,
-    );
-    let d = Daemon::start_with(config.clone(), ledger.clone());
+    let daemon = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(llm_service());
+    let d = daemon.clone().start();
     let device = gpu.device_file(0);
     let (server, worker) = spawn_server(&workload(), "llm-server", device.to_str().unwrap(), &[]);
     gpu.set_state(&format!("{DEVICE}\nproc 0 {worker} 512 compute\n"));
     wait_until_bound(&gpu, &[worker]);
     kill(server.pid());
-    wait_for_record(&ledger, worker, Duration::from_secs(20));
+    wait_for_record(&d.ledger, worker, Duration::from_secs(20));
 
     let shows = |v: &Value| {
         v.as_array().unwrap().iter().any(|r| {
@@ -86,7 +84,7 @@ fn reclaims_show_an_end_to_end_reclaim_before_and_after_a_restart() {
     let down = ctl(&gpu, &["status"]);
     assert_eq!(down.status.code(), Some(3), "daemon down");
     assert!(String::from_utf8_lossy(&down.stderr).contains("not running"));
-    let d = Daemon::start_with(config, ledger);
+    let d = daemon.start();
     let recs = reclaimctl_json(&gpu, &["reclaims"]);
     assert!(shows(&recs), "after a restart: {recs:#}");
     d.stop();

@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, kill, ledger_records, reclaimctl_json, status_field,
-    wait_for_record, wait_until_bound,
+    Daemon, FakeGpu, Workload, alive, kill, ledger_records, llm_service, reclaimctl_json,
+    status_field, wait_for_record, wait_until_bound,
 };
 use rstest::rstest;
 
 const DEVICE: &str = "device 0 GPU-threads 16384 Fake H100";
-const LLM: &str = "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn workload() -> String {
@@ -61,15 +60,13 @@ fn a_server_whose_main_thread_exits_is_alive_until_its_last_thread_is(
     #[case] worker_too: bool,
 ) {
     let gpu = FakeGpu::new(DEVICE);
-    let (config, ledger) = Daemon::write_config(
-        &gpu,
-        &format!(
-            "sweep = \"200ms\"\nmode = \"enforce\"\ngrace = \"0s\"\n\n\
-             [probe]\nmode = \"{probe}\"\nfallback_sweep = \"200ms\""
-        ),
-        LLM,
-    );
-    let d = Daemon::start_with(config, ledger.clone());
+    let d = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .set("probe", "mode", probe)
+        .set("probe", "fallback_sweep", "200ms")
+        .service(llm_service())
+        .start();
     let device = gpu.device_file(0);
     let mut args = vec!["leader-exit-server", "llm-server", device.to_str().unwrap()];
     if worker_too {
@@ -91,7 +88,7 @@ fn a_server_whose_main_thread_exits_is_alive_until_its_last_thread_is(
     // still serves, so nothing about its worker may be decided.
     std::thread::sleep(Duration::from_secs(2));
     assert!(alive(worker), "the worker of a live server was signalled");
-    let decided: Vec<_> = ledger_records(&ledger)
+    let decided: Vec<_> = ledger_records(&d.ledger)
         .into_iter()
         .filter(|r| r.decision.pid == worker)
         .collect();
@@ -103,7 +100,7 @@ fn a_server_whose_main_thread_exits_is_alive_until_its_last_thread_is(
 
     // The last thread's exit is the process's: now the worker is an orphan.
     kill(server_pid);
-    let r = wait_for_record(&ledger, worker, WAIT);
+    let r = wait_for_record(&d.ledger, worker, WAIT);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert!(!alive(worker));
     assert!(

@@ -15,8 +15,8 @@ use std::{
 
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
-    Daemon, FakeGpu, Workload, alive, flag_or, free_port, kill, ledger_records, next_worker,
-    spawn_conn_server, spawn_server, status_field, workload_beside_exe,
+    Daemon, FakeGpu, Workload, alive, connection_service, flag_or, free_port, kill, ledger_records,
+    llm_service, next_worker, spawn_conn_server, spawn_server, status_field, workload_beside_exe,
 };
 
 const DEVICE: &str = "device 0 GPU-soak 81920 Fake H100";
@@ -75,17 +75,17 @@ fn main() {
 
     let gpu = FakeGpu::new(DEVICE);
     let port = free_port();
-    let (config, ledger) = Daemon::write_config(
-        &gpu,
-        "sweep = \"1s\"\nmode = \"enforce\"\ngrace = \"0s\"\nterm_grace = \"1s\"\n\
-         max_reclaims_per_minute = 100000",
-        &format!(
-            "[[service]]\nname = \"llm\"\nmatch = {{ comm = [\"llm-server\"] }}\n\n\
-             [[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
-             ports = [{port}]\nscope = \"connection\"\n"
-        ),
-    );
-    let mut d = Daemon::start_logging(config, ledger.clone(), "warn,reclaimd::daemon=info");
+    let mut d = Daemon::builder(&gpu)
+        .policy("sweep", "1s")
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .policy("term_grace", "1s")
+        .policy("max_reclaims_per_minute", 100_000)
+        .service(llm_service())
+        .service(connection_service("api", "api-server", &[port]))
+        .rust_log("warn,reclaimd::daemon=info")
+        .start();
+    let ledger = d.ledger.clone();
     let device = gpu.device_file(0);
     let device_str = device.to_str().expect("utf-8 path");
 

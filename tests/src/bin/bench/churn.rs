@@ -3,7 +3,7 @@
 //! after many connection sessions came and went.
 use std::{collections::HashMap, time::Duration};
 
-use reclaimd_tests::{Daemon, FakeGpu, Workload};
+use reclaimd_tests::{Daemon, FakeGpu, Workload, connection_service};
 
 use crate::{
     Opts,
@@ -85,11 +85,8 @@ fn sink(name: &str) -> (Workload, u16) {
     (w, port)
 }
 
-fn services(port: u16) -> String {
-    format!(
-        "[[service]]\nname = \"churn\"\nmatch = {{ comm = [\"churn-sink\"] }}\n\
-         ports = [{port}]\nscope = \"connection\"\n"
-    )
+fn services(port: u16) -> toml::Table {
+    connection_service("churn", "churn-sink", &[port])
 }
 
 fn matched(c: &Churned, seen: &[(u16, u64)]) -> (Vec<f64>, usize) {
@@ -172,7 +169,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         ));
 
         // the daemon
-        let d = daemon(&gpu, "", &services(watched));
+        let d = daemon(&gpu).service(services(watched)).start();
         let before = histogram(&scrape(metrics_port), LATENCY, "tcp");
         let (cpu0, t0) = (cpu_seconds(d.pid()), mono_ns());
         let c = churn(watched, rate, secs, clients);
@@ -259,7 +256,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         fmt(cpu_rate)
     ));
     rep.line("| port | connections/s achieved | connections | daemon CPU |\n|---|---|---|---|");
-    let d = daemon(&gpu, "", &services(watched));
+    let d = daemon(&gpu).service(services(watched)).start();
     // Start-up (BTF, program load, the first full scan) is not churn's cost.
     std::thread::sleep(Duration::from_secs(3));
     let (cpu0, t0) = (cpu_seconds(d.pid()), mono_ns());

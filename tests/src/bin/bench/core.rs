@@ -7,7 +7,10 @@ use std::{
 };
 
 use reclaimd::ledger::Outcome;
-use reclaimd_tests::{Daemon, FakeGpu, Workload, percentile, wait_for_record};
+use reclaimd_tests::{
+    Daemon, DaemonBuilder, FakeGpu, Workload, connection_service, llm_service, percentile, service,
+    wait_for_record,
+};
 
 use crate::{
     Opts,
@@ -17,11 +20,11 @@ use crate::{
 
 pub const DEVICE: &str = "device 0 GPU-bench 81920 Fake H100";
 
-/// Writes a config (sweep at the default 5 s unless `policy` says otherwise) and starts the
-/// daemon with reconcile-level debug logs.
-pub fn daemon(gpu: &FakeGpu, policy: &str, services: &str) -> Daemon {
-    let (config, ledger) = Daemon::write_config(gpu, policy, services);
-    Daemon::start_logging(config, ledger, "info,reclaimd::daemon=debug")
+/// A daemon for `gpu` (sweep at the default 5 s unless set) with reconcile-level debug logs.
+pub fn daemon(gpu: &FakeGpu) -> DaemonBuilder {
+    Daemon::builder(gpu)
+        .unset("policy", "sweep")
+        .rust_log("info,reclaimd::daemon=debug")
 }
 
 fn pidfd_wait(pid: u32, limit: Duration) -> Option<u64> {
@@ -72,11 +75,12 @@ fn one_service(gpu: &FakeGpu) -> (Workload, u32) {
 
 pub fn time_to_reclaim(runs: usize) -> Reclaims {
     let gpu = FakeGpu::new(DEVICE);
-    let mut d = daemon(
-        &gpu,
-        "mode = \"enforce\"\ngrace = \"0s\"\nmax_reclaims_per_minute = 100000",
-        "[[service]]\nname = \"llm\"\nmatch = { comm = [\"llm-server\"] }\n",
-    );
+    let mut d = daemon(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .policy("max_reclaims_per_minute", 100_000)
+        .service(llm_service())
+        .start();
     let announced = watch_reclaims(&Daemon::api_socket(&gpu));
     let mut out = Reclaims {
         ledger_ms: Vec::with_capacity(runs),
@@ -201,15 +205,11 @@ pub struct Memory {
 pub fn memory(sessions: usize) -> Memory {
     let gpu = FakeGpu::new(DEVICE);
     let port = reclaimd_tests::free_port();
-    let mut d = daemon(
-        &gpu,
-        "sweep = \"1s\"",
-        &format!(
-            "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
-             ports = [{port}]\nscope = \"connection\"\n\n\
-             [[service]]\nname = \"batch\"\nmatch = {{ comm = [\"batch-root\"] }}\n"
-        ),
-    );
+    let mut d = daemon(&gpu)
+        .policy("sweep", "1s")
+        .service(connection_service("api", "api-server", &[port]))
+        .service(service("batch", "batch-root"))
+        .start();
     let mut rows = Vec::new();
     let mut sample = |what: &str, d: &mut Daemon| {
         let (conns, procs) = table_sizes(d);
@@ -275,19 +275,9 @@ pub fn live_sessions(counts: &[usize]) -> Vec<LiveRow> {
         let groups = n.div_ceil(PER_PROCESS);
         let ports: Vec<u16> = (0..groups).map(|_| reclaimd_tests::free_port()).collect();
         let gpu = FakeGpu::new(DEVICE);
-        let list = ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut d = daemon(
-            &gpu,
-            "",
-            &format!(
-                "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-server\"] }}\n\
-                 ports = [{list}]\nscope = \"connection\"\n"
-            ),
-        );
+        let mut d = daemon(&gpu)
+            .service(connection_service("api", "api-server", &ports))
+            .start();
         let mut procs = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             let share = (n - i * PER_PROCESS).min(PER_PROCESS).to_string();

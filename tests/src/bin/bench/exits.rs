@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use reclaimd_tests::{Daemon, FakeGpu, Workload};
+use reclaimd_tests::{Daemon, FakeGpu, Workload, service};
 
 use crate::{
     Opts,
@@ -189,15 +189,12 @@ struct DaemonRun {
 fn with_daemon(rate: f64, secs: f64, ring: Option<u32>) -> DaemonRun {
     let gpu = FakeGpu::new(DEVICE);
     let port = Daemon::metrics_port(&gpu);
-    let probe = ring
-        .map(|r| format!("\n[probe]\nring_bytes = {r}\n"))
-        .unwrap_or_default();
     // The generators are a service: each child is a member, as a server's workers are.
-    let d = daemon(
-        &gpu,
-        "",
-        &format!("{probe}\n[[service]]\nname = \"gen\"\nmatch = {{ comm = [\"exitgen\"] }}\n"),
-    );
+    let mut reclaimd = daemon(&gpu).service(service("gen", "exitgen"));
+    if let Some(r) = ring {
+        reclaimd = reclaimd.set("probe", "ring_bytes", r);
+    }
+    let d = reclaimd.start();
     let socket = Daemon::api_socket(&gpu);
     let before = histogram(&scrape(port), LATENCY, "exit");
     let (_, drops0) = status(&socket);

@@ -1,7 +1,7 @@
 //! Overhead on a served workload: a loopback HTTP server under wrk, daemon off and on.
 use std::{process::Command, time::Duration};
 
-use reclaimd_tests::{FakeGpu, Workload};
+use reclaimd_tests::{FakeGpu, Workload, connection_service};
 
 use crate::{
     Opts,
@@ -55,10 +55,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
     let server = Workload::spawn(&crate::workload(), &["http", "api-http", &addr]);
     server.line("listening");
     let url = format!("http://{addr}/");
-    let services = format!(
-        "[[service]]\nname = \"api\"\nmatch = {{ comm = [\"api-http\"] }}\n\
-         ports = [{port}]\nscope = \"connection\"\n"
-    );
+    let reclaimd = daemon(&gpu).service(connection_service("api", "api-http", &[port]));
     let mut table = Vec::new();
     for (label, extra) in [
         ("keep-alive", &[][..]),
@@ -68,7 +65,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         let mut on = Vec::new();
         for _ in 0..rounds {
             for daemon_on in [false, true] {
-                let d = daemon_on.then(|| daemon(&gpu, "", &services));
+                let d = daemon_on.then(|| reclaimd.clone().start());
                 std::thread::sleep(Duration::from_millis(500));
                 let r = wrk(&url, secs, extra);
                 if let Some(d) = d {
