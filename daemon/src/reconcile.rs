@@ -133,82 +133,92 @@ pub fn assess(
     conns: &HashMap<u32, Vec<ConnKey>>,
     now: Ns,
 ) -> Vec<Assessment> {
-    let mut out = Vec::with_capacity(inv.holders.len());
-    for holder in inv.holders.values() {
-        let pressure = pressure_of(holder, inv);
-        // A holder with no service or no trustworthy identity gets a verdict and nothing else.
-        let bare = |id, verdict| Assessment {
-            id,
-            holder: holder.clone(),
-            service: None,
-            sessions: Vec::new(),
-            death: None,
-            grace: Duration::ZERO,
-            pressure,
-            verdict,
-        };
-        let (Some(start_time), true) = (holder.start_time, holder.status.actionable()) else {
-            let id = ProcId {
-                pid: holder.pid,
-                start_time: holder.start_time.unwrap_or(0),
-            };
-            out.push(bare(id, Verdict::Untrusted));
-            continue;
-        };
+    let no_conns = Vec::new();
+    inv.holders
+        .values()
+        .map(|holder| {
+            let held = conns.get(&holder.pid).unwrap_or(&no_conns);
+            assess_one(model, cfg, holder, pressure_of(holder, inv), held, now)
+        })
+        .collect()
+}
+
+fn assess_one(
+    model: &mut Model,
+    cfg: &Config,
+    holder: &Holder,
+    pressure: f64,
+    conns: &[ConnKey],
+    now: Ns,
+) -> Assessment {
+    // A holder with no service or no trustworthy identity gets a verdict and nothing else.
+    let bare = |id, verdict| Assessment {
+        id,
+        holder: holder.clone(),
+        service: None,
+        sessions: Vec::new(),
+        death: None,
+        grace: Duration::ZERO,
+        pressure,
+        verdict,
+    };
+    let (Some(start_time), true) = (holder.start_time, holder.status.actionable()) else {
         let id = ProcId {
             pid: holder.pid,
-            start_time,
+            start_time: holder.start_time.unwrap_or(0),
         };
-        if model.has_exited(id) {
-            out.push(bare(id, Verdict::Exiting));
-            continue;
-        }
-        let Some(binding) = model.bind(id) else {
-            out.push(bare(id, Verdict::Unmanaged));
-            continue;
-        };
-        let no_conns = Vec::new();
-        let sessions =
-            model.bound_sessions(&binding, conns.get(&holder.pid).unwrap_or(&no_conns), now);
-        let base = cfg
-            .service(&binding.service)
-            .map(|s| cfg.grace_of(s))
-            .unwrap_or(cfg.policy.grace);
-        let grace = effective_grace(base, pressure, cfg.policy.soft, cfg.policy.hard);
-        let all_dead = !sessions.is_empty() && sessions.iter().all(|s| s.death.is_some());
-        let death = if all_dead {
-            sessions
-                .iter()
-                .filter_map(|s| s.death.clone())
-                .max_by_key(|d| d.at)
-        } else {
-            None
-        };
-        let verdict = match &death {
-            None => Verdict::Live,
-            Some(d) => {
-                let dead_for = Duration::from_nanos(now.saturating_sub(d.at));
-                if dead_for >= grace {
-                    Verdict::Orphan
-                } else {
-                    Verdict::Pending {
-                        remaining: grace - dead_for,
-                    }
-                }
-            }
-        };
-        out.push(Assessment {
-            id,
-            holder: holder.clone(),
-            service: Some(binding.service),
-            sessions,
-            death,
-            grace,
-            pressure,
-            verdict,
-        });
+        return bare(id, Verdict::Untrusted);
+    };
+    let id = ProcId {
+        pid: holder.pid,
+        start_time,
+    };
+    if model.has_exited(id) {
+        return bare(id, Verdict::Exiting);
     }
-    out
+    let Some(binding) = model.bind(id) else {
+        return bare(id, Verdict::Unmanaged);
+    };
+    let sessions = model.bound_sessions(&binding, conns, now);
+    let base = cfg
+        .service(&binding.service)
+        .map(|s| cfg.grace_of(s))
+        .unwrap_or(cfg.policy.grace);
+    let grace = effective_grace(base, pressure, cfg.policy.soft, cfg.policy.hard);
+    let all_dead = !sessions.is_empty() && sessions.iter().all(|s| s.death.is_some());
+    let death = if all_dead {
+        sessions
+            .iter()
+            .filter_map(|s| s.death.clone())
+            .max_by_key(|d| d.at)
+    } else {
+        None
+    };
+    Assessment {
+        id,
+        holder: holder.clone(),
+        service: Some(binding.service),
+        sessions,
+        verdict: verdict_of(death.as_ref(), grace, now),
+        death,
+        grace,
+        pressure,
+    }
+}
+
+/// Live while some session lives; then pending for the grace, orphan after it.
+fn verdict_of(death: Option<&Death>, grace: Duration, now: Ns) -> Verdict {
+    let Some(d) = death else {
+        return Verdict::Live;
+    };
+    let dead_for = Duration::from_nanos(now.saturating_sub(d.at));
+    if dead_for >= grace {
+        Verdict::Orphan
+    } else {
+        Verdict::Pending {
+            remaining: grace - dead_for,
+        }
+    }
 }
 
 /// Orphans in the order they may be reclaimed: leaves first, so that reclaiming never makes

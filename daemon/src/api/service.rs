@@ -54,6 +54,64 @@ impl ReclaimdService {
     }
 }
 
+/// The ledger row of a reclaim request refused for want of rights.
+fn refused(r: &pb::ReclaimRequest, uid: Option<u32>) -> Decision {
+    Decision {
+        time_ms: crate::clock::unix_ms(),
+        service: String::new(),
+        session_kind: "manual".to_owned(),
+        session_key: r.session_key.clone(),
+        death_cause: String::new(),
+        death_time_ms: None,
+        pid: r.pid,
+        start_time: 0,
+        comm: String::new(),
+        cgroup: String::new(),
+        gpu_uuid: String::new(),
+        bytes: None,
+        action: Action::Skip,
+        reason: format!(
+            "request refused: uid {} is not root or in the admin group ({})",
+            uid.map(|u| u.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            r.reason
+        ),
+    }
+}
+
+/// An admin's reclaim request, checked, as the engine takes it.
+fn manual_request(r: pb::ReclaimRequest, uid: u32) -> Result<ManualRequest, Status> {
+    if r.reason.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "reason: say why (it goes in the ledger)",
+        ));
+    }
+    if (r.pid == 0) == r.session_key.is_empty() {
+        return Err(Status::invalid_argument(
+            "pid/session_key: give exactly one of them",
+        ));
+    }
+    let target = if r.pid != 0 {
+        Target::Pid(r.pid)
+    } else {
+        // No holder can be bound to what is not a session key.
+        Target::Session(r.session_key.parse().map_err(|_| {
+            manual_status(ManualError::NotFound(format!(
+                "no holder is bound to session {:?}",
+                r.session_key
+            )))
+        })?)
+    };
+    Ok(ManualRequest {
+        target,
+        manual: Manual {
+            reason: r.reason,
+            dry_run: r.dry_run,
+            uid,
+        },
+    })
+}
+
 /// A manual reclaim the engine could not order, as the API reports it.
 fn manual_status(e: ManualError) -> Status {
     let text = e.to_string();
@@ -223,28 +281,7 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         let peer = self.access.peer(cred);
         if !peer.admin {
             tracing::warn!(uid = ?peer.uid, pid = r.pid, "manual reclaim refused: not an admin");
-            let d = Decision {
-                time_ms: crate::clock::unix_ms(),
-                service: String::new(),
-                session_kind: "manual".to_owned(),
-                session_key: r.session_key.clone(),
-                death_cause: String::new(),
-                death_time_ms: None,
-                pid: r.pid,
-                start_time: 0,
-                comm: String::new(),
-                cgroup: String::new(),
-                gpu_uuid: String::new(),
-                bytes: None,
-                action: Action::Skip,
-                reason: format!(
-                    "request refused: uid {} is not root or in the admin group ({})",
-                    peer.uid
-                        .map(|u| u.to_string())
-                        .unwrap_or_else(|| "unknown".into()),
-                    r.reason
-                ),
-            };
+            let d = refused(&r, peer.uid);
             let _ = self.ledger(move |l| l.record_decision(&d)).await;
             return Err(Status::permission_denied(if cred.is_some() {
                 "Reclaim needs root or membership of [api] admin_group"
@@ -252,35 +289,7 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
                 "Reclaim is served on the Unix socket only (TCP clients may read)"
             }));
         }
-        if r.reason.trim().is_empty() {
-            return Err(Status::invalid_argument(
-                "reason: say why (it goes in the ledger)",
-            ));
-        }
-        if (r.pid == 0) == r.session_key.is_empty() {
-            return Err(Status::invalid_argument(
-                "pid/session_key: give exactly one of them",
-            ));
-        }
-        let target = if r.pid != 0 {
-            Target::Pid(r.pid)
-        } else {
-            // No holder can be bound to what is not a session key.
-            Target::Session(r.session_key.parse().map_err(|_| {
-                manual_status(ManualError::NotFound(format!(
-                    "no holder is bound to session {:?}",
-                    r.session_key
-                )))
-            })?)
-        };
-        let m = ManualRequest {
-            target,
-            manual: Manual {
-                reason: r.reason,
-                dry_run: r.dry_run,
-                uid: peer.uid.unwrap_or(0),
-            },
-        };
+        let m = manual_request(r, peer.uid.unwrap_or(0))?;
         let ids = self
             .ask(|tx| CoreRequest::Reclaim(m, tx))
             .await?

@@ -129,11 +129,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let cfg = Arc::new(cfg);
-    if in_host_pid_namespace() == Some(false) {
-        tracing::warn!(
-            "not in the host pid namespace: NVML pids may not match /proc; run with hostPID"
-        );
-    }
+    warn_outside_host_pids();
     let (ledger, lineage) = open_ledger(&cfg)?;
     let (probe, probe_degraded) = open_probe(&cfg)?;
     let gpu_opts = GpuOptions {
@@ -143,26 +139,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let gpu = GpuInventory::new(&gpu_opts)?;
     // The API's socket is bound before anything else can fail late: a daemon that cannot
     // answer its operators does not start.
-    let api_listener = api::bind(&cfg.api).await?;
-    let admin_gid = api::admin_gid(&cfg.api)?;
-    let tcp = match (cfg.api.listen, api::tls(&cfg.api)?) {
-        (Some(addr), Some(tls)) => Some((api::bind_tcp(addr).await?, tls)),
-        _ => None,
-    };
-    let exec = Executor::new(
-        cfg.clone(),
-        ledger.clone(),
-        GpuInventory::new(&gpu_opts)?,
-        Untouchable {
-            pids: scan::self_and_ancestors(&PathBuf::from("/proc"))
-                .into_iter()
-                .collect(),
-        },
-    );
+    let bound = bind_api(&cfg).await?;
+    let exec = new_executor(&cfg, &ledger, &gpu_opts)?;
     let breaker = exec.breaker_flag();
-    let metrics = Arc::new(Metrics::new(&cfg.telemetry)?);
-    let traces = crate::telemetry::traces::init(&cfg.telemetry, metrics.clone())?;
-    let metrics_task = serve_metrics(&cfg, &metrics).await?;
+    let (metrics, traces, metrics_task) = start_telemetry(&cfg).await?;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.policy.queue);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
     let executor = spawn_executor(exec, job_rx, done_tx)?;
@@ -173,23 +153,26 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         core: api_tx,
         events: events.clone(),
         ledger: ledger.clone(),
-        access: api::access::Access { admin_gid },
+        access: api::access::Access {
+            admin_gid: bound.admin_gid,
+        },
     };
-    let api_tasks = serve_api(&cfg, api_listener, tcp, svc, api_stop_rx);
+    let api_tasks = serve_api(&cfg, bound, svc, api_stop_rx);
     metrics.probe_mode(probe.mode());
     metrics.capabilities(probe.capabilities());
+    let hands = Hands {
+        proc_root: PathBuf::from("/proc"),
+        jobs: job_tx,
+        ledger,
+        events,
+        metrics,
+        spans: Default::default(),
+        pods: crate::kube::Resolver::new(cfg.containers_dir.clone()),
+        replies: Default::default(),
+    };
     let mut rt = Runtime {
         engine: Engine::new(cfg.clone(), lineage),
-        hands: Hands {
-            proc_root: PathBuf::from("/proc"),
-            jobs: job_tx,
-            ledger,
-            events,
-            metrics,
-            spans: Default::default(),
-            pods: crate::kube::Resolver::new(cfg.containers_dir.clone()),
-            replies: Default::default(),
-        },
+        hands,
         gpu_opts,
         gpu: Some(gpu),
         started: std::time::Instant::now(),
@@ -201,9 +184,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         capabilities: probe.capabilities().to_vec(),
         cfg: cfg.clone(),
     };
-    tracing::info!(services = cfg.services.len(), mode = ?cfg.policy.mode,
-        ledger = %cfg.ledger_path.display(), ports = ?cfg.watched_ports(),
-        api = %cfg.api.socket.display(), "reclaimd running");
+    log_running(&cfg);
     let mut inputs = Inputs {
         probe,
         sigint,
@@ -221,6 +202,55 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     rt.stop(inputs, beside).await;
     result
+}
+
+fn warn_outside_host_pids() {
+    if in_host_pid_namespace() == Some(false) {
+        tracing::warn!(
+            "not in the host pid namespace: NVML pids may not match /proc; run with hostPID"
+        );
+    }
+}
+
+/// Metrics, traces, and the metrics endpoint's task when one is configured.
+async fn start_telemetry(
+    cfg: &Config,
+) -> Result<
+    (
+        Arc<Metrics>,
+        Option<crate::telemetry::traces::Traces>,
+        Option<JoinHandle<()>>,
+    ),
+    DaemonError,
+> {
+    let metrics = Arc::new(Metrics::new(&cfg.telemetry)?);
+    let traces = crate::telemetry::traces::init(&cfg.telemetry, metrics.clone())?;
+    let task = serve_metrics(cfg, &metrics).await?;
+    Ok((metrics, traces, task))
+}
+
+fn log_running(cfg: &Config) {
+    tracing::info!(services = cfg.services.len(), mode = ?cfg.policy.mode,
+        ledger = %cfg.ledger_path.display(), ports = ?cfg.watched_ports(),
+        api = %cfg.api.socket.display(), "reclaimd running");
+}
+
+/// The executor, with its own NVML handle, never to touch reclaimd or its ancestors.
+fn new_executor(
+    cfg: &Arc<Config>,
+    ledger: &LedgerWriter,
+    gpu_opts: &GpuOptions,
+) -> Result<Executor, DaemonError> {
+    Ok(Executor::new(
+        cfg.clone(),
+        ledger.clone(),
+        GpuInventory::new(gpu_opts)?,
+        Untouchable {
+            pids: scan::self_and_ancestors(&PathBuf::from("/proc"))
+                .into_iter()
+                .collect(),
+        },
+    ))
 }
 
 /// Opens the ledger, marks the actions a previous run left without an outcome, and reads
@@ -295,10 +325,30 @@ fn spawn_executor(
         .map_err(DaemonError::Signal)
 }
 
+/// The API's listeners, bound, and the admin group, checked.
+struct ApiBound {
+    listener: tokio::net::UnixListener,
+    admin_gid: Option<u32>,
+    tcp: Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
+}
+
+async fn bind_api(cfg: &Config) -> Result<ApiBound, DaemonError> {
+    let listener = api::bind(&cfg.api).await?;
+    let admin_gid = api::admin_gid(&cfg.api)?;
+    let tcp = match (cfg.api.listen, api::tls(&cfg.api)?) {
+        (Some(addr), Some(tls)) => Some((api::bind_tcp(addr).await?, tls)),
+        _ => None,
+    };
+    Ok(ApiBound {
+        listener,
+        admin_gid,
+        tcp,
+    })
+}
+
 fn serve_api(
     cfg: &Config,
-    listener: tokio::net::UnixListener,
-    tcp: Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
+    bound: ApiBound,
     svc: api::ReclaimdService,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
@@ -306,7 +356,7 @@ fn serve_api(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = Vec::new();
-    if let Some((listener, tls)) = tcp {
+    if let Some((listener, tls)) = bound.tcp {
         let (svc, stop) = (svc.clone(), stopped(stop_rx.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(error) = api::serve_tcp(listener, tls, svc, stop).await {
@@ -317,7 +367,7 @@ fn serve_api(
     let socket = cfg.api.socket.clone();
     let stop = stopped(stop_rx);
     tasks.push(tokio::spawn(async move {
-        if let Err(error) = api::serve(listener, &socket, svc, stop).await {
+        if let Err(error) = api::serve(bound.listener, &socket, svc, stop).await {
             tracing::error!(%error, "API server failed");
         }
     }));

@@ -83,7 +83,7 @@ fn main() {
         .policy("max_reclaims_per_minute", 100_000)
         .service(llm_service())
         .service(connection_service("api", "api-server", &[port]))
-        .rust_log("warn,reclaimd::daemon=info")
+        .rust_log("warn,reclaimd::runtime=info,reclaimd::engine=info")
         .start();
     let ledger = d.ledger.clone();
     let device = gpu.device_file(0);

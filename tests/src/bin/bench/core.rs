@@ -24,7 +24,7 @@ pub const DEVICE: &str = "device 0 GPU-bench 81920 Fake H100";
 pub fn daemon(gpu: &FakeGpu) -> DaemonBuilder {
     Daemon::builder(gpu)
         .unset("policy", "sweep")
-        .rust_log("info,reclaimd::daemon=debug")
+        .rust_log("info,reclaimd::engine=debug")
 }
 
 fn pidfd_wait(pid: u32, limit: Duration) -> Option<u64> {
