@@ -444,7 +444,13 @@ fn the_pure_core_names_no_edge() {
     }
     // The configuration the core reads names no edge either (it only reads its own file).
     for (n, line) in include_str!("../config.rs").lines().enumerate() {
-        for f in ["crate::probe", "crate::gpu", "crate::ledger", "crate::api", "aya"] {
+        for f in [
+            "crate::probe",
+            "crate::gpu",
+            "crate::ledger",
+            "crate::api",
+            "aya",
+        ] {
             if line.contains(f) && !line.trim_start().starts_with("//") {
                 found.push(format!("config.rs:{}: {f}: {}", n + 1, line.trim()));
             }

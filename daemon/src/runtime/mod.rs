@@ -120,6 +120,7 @@ struct Beside {
     api_tasks: Vec<JoinHandle<()>>,
     api_stop: tokio::sync::watch::Sender<bool>,
     executor: std::thread::JoinHandle<()>,
+    ledger: std::thread::JoinHandle<()>,
     metrics_task: Option<JoinHandle<()>>,
     traces: Option<crate::telemetry::traces::Traces>,
 }
@@ -130,7 +131,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let cfg = Arc::new(cfg);
     warn_outside_host_pids();
-    let (ledger, lineage) = open_ledger(&cfg)?;
+    let (ledger, ledger_thread, lineage) = open_ledger(&cfg)?;
     let (probe, probe_degraded) = open_probe(&cfg)?;
     let gpu_opts = GpuOptions {
         nvml_library: cfg.gpu.nvml_library.clone(),
@@ -197,6 +198,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         api_tasks,
         api_stop,
         executor,
+        ledger: ledger_thread,
         metrics_task,
         traces,
     };
@@ -255,7 +257,13 @@ fn new_executor(
 
 /// Opens the ledger, marks the actions a previous run left without an outcome, and reads
 /// the lineage it remembers (once: the engine keeps it from then on).
-fn open_ledger(cfg: &Config) -> Result<(LedgerWriter, Vec<crate::record::Lineage>), DaemonError> {
+type OpenLedger = (
+    LedgerWriter,
+    std::thread::JoinHandle<()>,
+    Vec<crate::record::Lineage>,
+);
+
+fn open_ledger(cfg: &Config) -> Result<OpenLedger, DaemonError> {
     let ledger = Ledger::open(&cfg.ledger_path)?;
     let interrupted = ledger.recover_interrupted(
         clock::unix_ms(),
@@ -268,8 +276,8 @@ fn open_ledger(cfg: &Config) -> Result<(LedgerWriter, Vec<crate::record::Lineage
         );
     }
     let lineage = ledger.lineages()?;
-    let (writer, _thread) = LedgerWriter::spawn(ledger).map_err(DaemonError::Thread)?;
-    Ok((writer, lineage))
+    let (writer, thread) = LedgerWriter::spawn(ledger).map_err(DaemonError::Thread)?;
+    Ok((writer, thread, lineage))
 }
 
 fn open_probe(cfg: &Config) -> Result<(EventSource, Option<String>), DaemonError> {
@@ -497,7 +505,7 @@ impl Runtime {
         Ok(())
     }
 
-    async fn stop(mut self, inputs: Inputs, beside: Beside) {
+    async fn stop(self, inputs: Inputs, beside: Beside) {
         tracing::info!("stopping: waiting for the action in progress");
         // Clients get a moment to finish; open watch streams never would, so then they are cut.
         let _ = beside.api_stop.send(true);
@@ -509,18 +517,33 @@ impl Runtime {
             aborts.iter().for_each(|a| a.abort());
             let _ = std::fs::remove_file(&self.cfg.api.socket);
         }
-        drop(self.hands.jobs);
+        let Hands {
+            jobs,
+            ledger,
+            mut spans,
+            metrics,
+            ..
+        } = self.hands;
+        drop(jobs);
         let executor = beside.executor;
         let _ = tokio::task::spawn_blocking(move || executor.join()).await;
         drop(inputs);
         if let Some(t) = beside.metrics_task {
             t.abort();
         }
-        self.hands.spans.end_all();
+        spans.end_all();
         if let Some(t) = beside.traces {
             t.shutdown();
         }
-        self.hands.metrics.shutdown();
+        metrics.shutdown();
+        // The last handle goes: the ledger's thread finishes what it was asked and closes
+        // the database.
+        drop(ledger);
+        let thread = beside.ledger;
+        let closed = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(API_DRAIN, closed).await.is_err() {
+            tracing::warn!("the ledger's thread did not finish in time");
+        }
         tracing::info!("stopped");
     }
 }
