@@ -173,3 +173,27 @@ pub fn decision(
         reason,
     }
 }
+
+/// The row of an operator's reclaim request refused for want of rights: nothing is known of
+/// a holder, only who asked for what.
+pub fn refused(pid: u32, session_key: &str, uid: Option<u32>, reason: &str, now: &Now) -> Decision {
+    Decision {
+        time_ms: now.wall_ms,
+        service: String::new(),
+        session_kind: "manual".to_owned(),
+        session_key: session_key.to_owned(),
+        death_cause: String::new(),
+        death_time_ms: None,
+        pid,
+        start_time: 0,
+        comm: String::new(),
+        cgroup: String::new(),
+        gpu_uuid: String::new(),
+        bytes: None,
+        action: Action::Skip,
+        reason: format!(
+            "request refused: uid {} is not root or in the admin group ({reason})",
+            uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+        ),
+    }
+}

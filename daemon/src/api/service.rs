@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use super::{access::Access, convert, pb};
 use crate::{
+    clock::Now,
     engine::{Manual, ManualError, ManualRequest, Published, Target},
-    ledger::{Action, Decision, Ledger, Outcome, Query},
+    ledger::{Ledger, Outcome, Query},
     ledger_writer::LedgerWriter,
     runtime::request::{HolderFilter, SessionFilter},
 };
@@ -51,31 +52,6 @@ impl ReclaimdService {
             .ask(f)
             .await
             .map_err(|e| Status::internal(format!("ledger: {e}")))
-    }
-}
-
-/// The ledger row of a reclaim request refused for want of rights.
-fn refused(r: &pb::ReclaimRequest, uid: Option<u32>) -> Decision {
-    Decision {
-        time_ms: crate::clock::unix_ms(),
-        service: String::new(),
-        session_kind: "manual".to_owned(),
-        session_key: r.session_key.clone(),
-        death_cause: String::new(),
-        death_time_ms: None,
-        pid: r.pid,
-        start_time: 0,
-        comm: String::new(),
-        cgroup: String::new(),
-        gpu_uuid: String::new(),
-        bytes: None,
-        action: Action::Skip,
-        reason: format!(
-            "request refused: uid {} is not root or in the admin group ({})",
-            uid.map(|u| u.to_string())
-                .unwrap_or_else(|| "unknown".into()),
-            r.reason
-        ),
     }
 }
 
@@ -281,7 +257,8 @@ impl pb::reclaimd_server::Reclaimd for ReclaimdService {
         let peer = self.access.peer(cred);
         if !peer.admin {
             tracing::warn!(uid = ?peer.uid, pid = r.pid, "manual reclaim refused: not an admin");
-            let d = refused(&r, peer.uid);
+            let d =
+                crate::record::refused(r.pid, &r.session_key, peer.uid, &r.reason, &Now::read());
             let _ = self.ledger(move |l| l.record_decision(&d)).await;
             return Err(Status::permission_denied(if cred.is_some() {
                 "Reclaim needs root or membership of [api] admin_group"
