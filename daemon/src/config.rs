@@ -73,6 +73,19 @@ pub struct Matcher {
     pub cgroup: Option<String>,
     /// A systemd unit (matched as the cgroup's last component `NAME.service` or `NAME`).
     pub unit: Option<String>,
+    /// A regular expression searched in the command line (`/proc/<pid>/cmdline`, its
+    /// arguments joined by spaces): what names `python3 -m vllm…` or `ollama runner`.
+    pub cmdline: Option<Cmdline>,
+}
+
+/// A compiled `cmdline` pattern; equal when written the same.
+#[derive(Debug, Clone)]
+pub struct Cmdline(pub regex::Regex);
+
+impl PartialEq for Cmdline {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -420,6 +433,7 @@ mod raw {
         pub exe: Option<String>,
         pub cgroup: Option<String>,
         pub unit: Option<String>,
+        pub cmdline: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -786,6 +800,13 @@ mod raw {
         }
     }
 
+    /// The regex crate's reason, without its multi-line drawing of the pattern.
+    fn regex_why(err: &regex::Error) -> String {
+        let text = err.to_string();
+        let last = text.lines().last().unwrap_or(&text);
+        last.trim().trim_start_matches("error: ").to_owned()
+    }
+
     impl Match {
         /// A service's `match`; `at` names its keys.
         fn validate(
@@ -797,10 +818,11 @@ mod raw {
                 && self.exe.is_none()
                 && self.cgroup.is_none()
                 && self.unit.is_none()
+                && self.cmdline.is_none()
             {
                 return Err(invalid(
                     &at("match"),
-                    "give at least one of comm, exe, cgroup, unit".to_owned(),
+                    "give at least one of comm, exe, cgroup, unit, cmdline".to_owned(),
                 ));
             }
             if let Some(bad) = self.comm.iter().find(|c| c.is_empty() || c.len() > 15) {
@@ -828,11 +850,24 @@ mod raw {
                     format!("{c:?} must start with '/'"),
                 ));
             }
+            let cmdline = match self.cmdline {
+                None => None,
+                Some(re) => Some(super::Cmdline(regex::Regex::new(&re).map_err(|err| {
+                    invalid(
+                        &at("match.cmdline"),
+                        format!(
+                            "{re:?} is not a valid regular expression: {}",
+                            regex_why(&err)
+                        ),
+                    )
+                })?)),
+            };
             Ok(super::Matcher {
                 comm: self.comm,
                 exe,
                 cgroup: self.cgroup,
                 unit: self.unit,
+                cmdline,
             })
         }
     }
@@ -947,6 +982,22 @@ hook = "/usr/local/bin/drain"
         let e = err("[[service]]\nname = \"a\"\nmatch = { exe = \"/opt/[x\" }\n");
         assert!(e.contains("service[0].match.exe"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_cmdline_pattern_that_does_not_compile_names_the_key_and_line() {
+        let text = "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\n\n\
+                    [[service]]\nname = \"vllm\"\nmatch = { cmdline = \"-m (vllm\" }\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config t.toml, line 7: service[1].match.cmdline: \"-m (vllm\" is not a valid \
+             regular expression: unclosed group"
+        );
+        let ok = "[[service]]\nname = \"vllm\"\nmatch = { cmdline = '-m vllm\\.entrypoints' }\n";
+        let cfg = Config::parse(ok, "t.toml").unwrap();
+        let re = cfg.services[0].matcher.cmdline.as_ref().unwrap();
+        assert!(re.0.is_match("python3 -m vllm.entrypoints.openai.api_server"));
     }
 
     #[test]

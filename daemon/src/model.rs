@@ -33,6 +33,8 @@ pub struct ProcFacts {
     pub comm: String,
     pub exe: Option<PathBuf>,
     pub cgroup: Option<String>,
+    /// The command line, arguments joined by spaces (empty for kernel threads).
+    pub cmdline: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +46,7 @@ struct Proc {
     comm: String,
     exe: Option<PathBuf>,
     cgroup: Option<String>,
+    cmdline: Option<String>,
     /// When this record was created: a /proc scan that started earlier cannot vouch for it.
     since: Ns,
     exited: Option<Exited>,
@@ -175,6 +178,14 @@ pub fn matches(
     false
 }
 
+/// Whether a process's command line matches a service's `cmdline` pattern.
+pub fn matches_cmdline(s: &Service, cmdline: Option<&str>) -> bool {
+    match (&s.matcher.cmdline, cmdline) {
+        (Some(re), Some(line)) => re.0.is_match(line),
+        _ => false,
+    }
+}
+
 impl Model {
     pub fn new(services: Vec<Service>) -> Self {
         Self {
@@ -278,7 +289,8 @@ impl Model {
                         ppid: *ppid,
                         comm: comm.clone(),
                         exe: parent.as_ref().and_then(|p| p.exe.clone()),
-                        cgroup: parent.and_then(|p| p.cgroup),
+                        cgroup: parent.as_ref().and_then(|p| p.cgroup.clone()),
+                        cmdline: parent.and_then(|p| p.cmdline),
                         since: *ts_ns,
                         exited: None,
                     },
@@ -441,6 +453,7 @@ impl Model {
                 p.comm.clone_from(&f.comm);
                 p.exe.clone_from(&f.exe);
                 p.cgroup.clone_from(&f.cgroup);
+                p.cmdline.clone_from(&f.cmdline);
             }
             _ => {
                 self.procs.insert(
@@ -451,6 +464,7 @@ impl Model {
                         comm: f.comm.clone(),
                         exe: f.exe.clone(),
                         cgroup: f.cgroup.clone(),
+                        cmdline: f.cmdline.clone(),
                         since: at,
                         exited: None,
                     },
@@ -461,9 +475,10 @@ impl Model {
 
     fn direct_service(&self, pid: u32) -> Option<&Service> {
         let p = self.procs.get(&pid)?;
-        self.services
-            .iter()
-            .find(|s| matches(s, &p.comm, p.exe.as_deref(), p.cgroup.as_deref()))
+        self.services.iter().find(|s| {
+            matches(s, &p.comm, p.exe.as_deref(), p.cgroup.as_deref())
+                || matches_cmdline(s, p.cmdline.as_deref())
+        })
     }
 
     /// The service `pid` belongs to (its own match, else its ancestors'), and that
@@ -668,7 +683,28 @@ mod tests {
             comm: comm.to_owned(),
             exe: None,
             cgroup: None,
+            cmdline: None,
         }
+    }
+
+    #[test]
+    fn a_command_line_names_a_service_whose_comm_and_exe_are_the_interpreters() {
+        let mut s = svc("vllm", "unused-comm", Scope::Process, vec![]);
+        s.matcher.comm.clear();
+        s.matcher.cmdline = Some(crate::config::Cmdline(
+            regex::Regex::new(r"-m vllm\.entrypoints").unwrap(),
+        ));
+        let mut m = Model::new(vec![s]);
+        let mut server = facts(10, 1, 2, "python3");
+        server.cmdline = Some("python3 -m vllm.entrypoints.openai.api_server --port 8000".into());
+        let mut worker = facts(11, 10, 3, "VLLM::EngineCor");
+        worker.cmdline = Some("python3 -c from multiprocessing.spawn import spawn_main".into());
+        let mut other = facts(12, 1, 4, "python3");
+        other.cmdline = Some("python3 -m http.server".into());
+        m.observe_procs(&[server, worker, other], 1);
+        let (svc, root) = m.service_root(11).expect("the worker is in the service");
+        assert_eq!((svc.name.as_str(), root.pid), ("vllm", 10));
+        assert!(m.service_root(12).is_none(), "another python3 is not");
     }
 
     fn exit(pid: u32, at: Ns, status: ExitStatus) -> KernelEvent {

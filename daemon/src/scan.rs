@@ -35,7 +35,22 @@ pub fn facts(proc_root: &Path, pid: u32) -> Option<ProcFacts> {
         comm: stat.comm,
         exe: std::fs::read_link(dir.join("exe")).ok(),
         cgroup: cgroup_in(&dir),
+        cmdline: cmdline_in(&dir),
     })
+}
+
+/// The command line in `dir/cmdline`, its NUL-separated arguments joined by spaces (the
+/// first 4 KiB: enough for any matcher, bounded for a process with a huge argv).
+fn cmdline_in(dir: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    std::fs::File::open(dir.join("cmdline"))
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut buf)
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    Some(text.trim_end_matches('\0').replace('\0', " "))
 }
 
 /// Facts of every live process.

@@ -418,3 +418,53 @@ fn an_invalid_config_is_refused_with_key_and_line() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `[[service]]` named by its command line alone, as `python3 -m vllm…` is: its comm and
+/// exe are the interpreter's.
+#[test]
+fn a_service_matched_by_its_command_line_alone_is_reclaimed_when_its_root_dies() {
+    let gpu = FakeGpu::new(DEVICE);
+    let mut vllm = toml::Table::new();
+    let mut matcher = toml::Table::new();
+    matcher.insert("cmdline".into(), r"--model=e2e-cmdline-\w+".into());
+    vllm.insert("name".into(), "vllm".into());
+    vllm.insert("match".into(), matcher.into());
+    let d = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(vllm)
+        .start();
+    let bystander = start_service(&gpu, "python3", 0, &["--model=other"]);
+    let s = start_service(&gpu, "python3", 1024, &["--model=e2e-cmdline-llama"]);
+    let r = kill_server_and_wait(&gpu, &d, &s);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert_eq!(r.decision.service, "vllm");
+    assert!(!alive(s.worker));
+    assert!(
+        alive(bystander.worker),
+        "a python3 of another command line is left alone"
+    );
+    let _ = bystander.server.finish();
+    let _ = s.server.finish();
+    d.stop();
+}
+
+/// A server that names itself after exec (setproctitle, prctl(PR_SET_NAME)) once its worker
+/// runs: the service matches the new title.
+#[test]
+fn a_service_matched_by_a_title_set_after_exec_is_reclaimed_when_its_root_dies() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::builder(&gpu)
+        .policy("mode", "enforce")
+        .policy("grace", "0s")
+        .service(reclaimd_tests::service("sglang", "sglang::sched"))
+        .start();
+    let s = start_service(&gpu, "python3", 1024, &["rename=sglang::sched"]);
+    assert_eq!(s.server.line("renamed"), "");
+    let r = kill_server_and_wait(&gpu, &d, &s);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert_eq!(r.decision.service, "sglang");
+    assert!(!alive(s.worker));
+    let _ = s.server.finish();
+    d.stop();
+}

@@ -49,6 +49,7 @@ fn facts(id: ProcId, ppid: u32, comm: &str) -> ProcFacts {
         comm: comm.to_owned(),
         exe: None,
         cgroup: None,
+        cmdline: None,
     }
 }
 

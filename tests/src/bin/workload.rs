@@ -305,6 +305,8 @@ fn main() {
         // forks a worker (comm "gpu-worker") holding DEVICE open (or, with DEVICE cuda:MIB,
         // that much GPU memory through CUDA); prints the worker's pid.
         // Both stay until stdin closes; the worker ignores SIGTERM if asked.
+        // With `rename=TITLE` the server renames itself to TITLE once its worker has started
+        // (as setproctitle does, long after exec) and prints "renamed".
         "server" => {
             let name = arg(&args, 2, "name");
             let device = arg(&args, 3, "device");
@@ -345,6 +347,11 @@ fn main() {
                 }
                 child if child > 0 => {}
                 _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+            if let Some(title) = args.iter().find_map(|a| a.strip_prefix("rename=")) {
+                std::thread::sleep(Duration::from_millis(300));
+                set_comm(title);
+                say("renamed");
             }
             wait_for_stdin();
         }
