@@ -34,14 +34,12 @@ enum Command {
     /// Every decision and action is recorded in the ledger ([ledger] path). An invalid
     /// configuration is refused before anything starts, with the key and line at fault.
     Run {
-        /// The configuration file (TOML); see README for every key.
-        #[arg(
-            long,
-            short,
-            value_name = "FILE",
-            default_value = "/etc/reclaimd/config.toml"
-        )]
-        config: PathBuf,
+        /// The configuration file (TOML); see README for every key. Without it,
+        /// /etc/reclaimd/config.toml when that exists, else the defaults: report mode, no
+        /// service (holders are listed, nothing is signalled), the ledger in
+        /// /var/lib/reclaimd, the API on /run/reclaimd/reclaimd.sock.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
 
         /// Check the configuration, print what it means, and exit.
         #[arg(long)]
@@ -159,14 +157,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             check,
             no_ebpf,
         } => {
-            let mut cfg = reclaimd::config::Config::load(&config)?;
+            let (mut cfg, config) = load_config(config)?;
             if no_ebpf {
                 cfg.probe.mode = reclaimd::config::ProbeMode::Fallback;
             }
             if check {
                 println!(
                     "{}: ok: mode {:?}, probe {:?}, {} service(s), ledger {}",
-                    config.display(),
+                    config,
                     cfg.policy.mode,
                     cfg.probe.mode,
                     cfg.services.len(),
@@ -207,4 +205,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
     }
     Ok(())
+}
+
+/// Where the daemon's configuration lives when none is named.
+const INSTALLED_CONFIG: &str = "/etc/reclaimd/config.toml";
+
+/// The named configuration, else the installed one, else the defaults; with what to call it
+/// in messages.
+fn load_config(named: Option<PathBuf>) -> anyhow::Result<(reclaimd::config::Config, String)> {
+    let path = match named {
+        Some(p) => p,
+        None if std::path::Path::new(INSTALLED_CONFIG).exists() => PathBuf::from(INSTALLED_CONFIG),
+        None => {
+            tracing::info!(
+                "no --config and no {INSTALLED_CONFIG}: the defaults (report mode, no service)"
+            );
+            let cfg = reclaimd::config::Config::parse("", "the defaults")?;
+            return Ok((cfg, "the defaults".to_owned()));
+        }
+    };
+    let cfg = reclaimd::config::Config::load(&path)?;
+    Ok((cfg, path.display().to_string()))
 }

@@ -588,3 +588,20 @@ fn daemonset_command_line_runs_with_its_configmap() {
     .unwrap();
     reclaimd_check(&strings(&c["args"]), "/etc/reclaimd/config.toml", &config);
 }
+
+/// `reclaimd run` without `--config` on a host where nothing is installed: the defaults,
+/// which signal nothing (report mode, no service).
+#[test]
+fn run_without_a_config_uses_the_safe_defaults() {
+    if Path::new("/etc/reclaimd/config.toml").exists() {
+        println!("skipped: /etc/reclaimd/config.toml is installed here, and is what it reads");
+        return;
+    }
+    let out = run(Command::new(reclaimd_tests::reclaimd_bin()).args(["run", "--check"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "the defaults: ok: mode Report, probe Auto, 0 service(s), ledger \
+         /var/lib/reclaimd/ledger.db"
+    );
+}

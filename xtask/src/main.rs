@@ -487,11 +487,55 @@ fn run(root: &Path, release: bool, args: Vec<OsString>) -> Result<()> {
     let profile = if release { "release" } else { "debug" };
     let bin = root.join("target").join(profile).join("reclaimd");
     let args = if args.is_empty() {
-        vec![OsString::from("trace")]
+        daemon_args(root, profile)?
     } else {
         args
     };
     run_cmd(as_root(&bin).args(args))
+}
+
+/// `reclaimd run` as a newcomer wants it: the installed config when there is one, else the
+/// shipped one (report mode: nothing is signalled) with its ledger and socket under
+/// `target/run`, so nothing is written outside the checkout.
+fn daemon_args(root: &Path, profile: &str) -> Result<Vec<OsString>> {
+    if Path::new("/etc/reclaimd/config.toml").exists() {
+        step("reclaimd run with /etc/reclaimd/config.toml");
+        return Ok(vec!["run".into()]);
+    }
+    let dir = root.join("target/run");
+    std::fs::create_dir_all(&dir)?;
+    let ledger = dir.join("ledger.db");
+    let socket = dir.join("reclaimd.sock");
+    let mut text = std::fs::read_to_string(root.join("deploy/config.toml"))?;
+    for (line, path) in [
+        ("path = \"/var/lib/reclaimd/ledger.db\"", &ledger),
+        ("socket = \"/run/reclaimd/reclaimd.sock\"", &socket),
+    ] {
+        anyhow::ensure!(
+            text.contains(line),
+            "deploy/config.toml no longer has the line {line}"
+        );
+        text = text.replace(
+            line,
+            &line.replacen(
+                line.split('"').nth(1).unwrap_or_default(),
+                &path.display().to_string(),
+                1,
+            ),
+        );
+    }
+    let config = dir.join("config.toml");
+    std::fs::write(&config, text)?;
+    step(&format!(
+        "reclaimd run (report mode: nothing is signalled) on deploy/config.toml, its ledger \
+         and socket under {dir}; in another terminal:\n  \
+         target/{profile}/reclaimctl --socket {sock} status\n  \
+         target/{profile}/reclaimctl --socket {sock} holders\n\
+         (cargo xtask run -- trace: the kernel events instead; Ctrl-C stops)",
+        dir = dir.display(),
+        sock = socket.display(),
+    ));
+    Ok(vec!["run".into(), "--config".into(), config.into()])
 }
 
 /// The demo: everything under target/demo, the daemon as root, the service as is.
