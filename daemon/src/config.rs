@@ -121,6 +121,9 @@ pub struct Policy {
     pub sweep: Duration,
     /// Decisions waiting for the executor; beyond this they are counted and dropped.
     pub queue: usize,
+    /// What is done with suspects (holders outside every service whose original parent died
+    /// and who were reparented): reported, or (opted into) reclaimed like orphans.
+    pub suspects: Mode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +214,7 @@ impl Default for Config {
                 hard: 0.90,
                 protect: Vec::new(),
                 max_reclaims_per_minute: 30,
+                suspects: Mode::Report,
                 sweep: Duration::from_secs(5),
                 queue: 1024,
             },
@@ -375,6 +379,7 @@ mod raw {
         pub max_reclaims_per_minute: Option<u32>,
         pub sweep: Option<String>,
         pub queue: Option<usize>,
+        pub suspects: Option<Mode>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -554,6 +559,7 @@ mod raw {
                 max_reclaims_per_minute: max,
                 sweep,
                 queue,
+                suspects: self.suspects.unwrap_or(d.suspects),
             })
         }
     }

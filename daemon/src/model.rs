@@ -135,6 +135,8 @@ pub struct Model {
     pins: HashMap<ProcId, Binding>,
     /// Roots found gone without an exit event (e.g. died while reclaimd was down).
     noticed_dead: HashMap<ProcId, Ns>,
+    /// Holders outside every service seen reparented: how their original parent died.
+    reparented: HashMap<ProcId, Death>,
     /// Pins made since the last `take_new_pins`, for the ledger.
     new_pins: Vec<(ProcId, Binding)>,
 }
@@ -195,6 +197,7 @@ impl Model {
             socks: HashMap::new(),
             pins: HashMap::new(),
             noticed_dead: HashMap::new(),
+            reparented: HashMap::new(),
             new_pins: Vec::new(),
         }
     }
@@ -610,6 +613,37 @@ impl Model {
         }]
     }
 
+    /// Whether `id`'s original parent is gone, now that its parent is `ppid`: when and how
+    /// the original one died (its exit if seen, else when the reparenting was first seen).
+    /// `None` while the parent is the original one, or when the original one was never
+    /// known (seen first after the reparenting, or a child of init).
+    pub fn parent_death(&mut self, id: ProcId, ppid: u32, now: Ns) -> Option<Death> {
+        let p = self.procs.get(&id.pid)?;
+        if p.start_time != Some(id.start_time) || p.ppid <= 1 || p.ppid == ppid {
+            return None;
+        }
+        let original = p.ppid;
+        // Kept from the first sight: the parent's record is pruned a while after its death.
+        let exited = self.procs.get(&original).and_then(|q| q.exited);
+        let death = self.reparented.entry(id).or_insert_with(|| match exited {
+            Some(e) => {
+                let d = death_of(e);
+                Death {
+                    at: d.at,
+                    cause: format!(
+                        "original parent {original} {}; reparented to {ppid}",
+                        d.cause
+                    ),
+                }
+            }
+            None => Death {
+                at: now,
+                cause: format!("original parent {original} gone; reparented to {ppid}"),
+            },
+        });
+        Some(death.clone())
+    }
+
     /// Forgets a holder that is gone (reclaimed, released, or exited).
     pub fn forget_holder(&mut self, holder: ProcId) {
         self.pins.remove(&holder);
@@ -643,6 +677,7 @@ impl Model {
         self.socks.retain(|_, k| conns.contains_key(k));
         let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
         self.noticed_dead.retain(|id, _| pinned.contains(id));
+        self.reparented.retain(|id, _| live_holders.contains(id));
     }
 }
 

@@ -26,6 +26,10 @@ pub enum Verdict {
     Untrusted,
     /// It is exiting by itself (exit seen, files not closed yet): never signalled.
     Exiting,
+    /// Outside every service, holding GPU memory, its original parent dead and itself
+    /// reparented (to PID 1 or a subreaper): what every GPU stack's orphan looks like.
+    /// Reported; reclaimed only with `[policy] suspects = "enforce"`, after the grace.
+    Suspect,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +60,7 @@ pub enum VerdictKind {
     Unmanaged,
     Untrusted,
     Exiting,
+    Suspect,
 }
 
 impl VerdictKind {
@@ -79,6 +84,7 @@ impl Verdict {
             Verdict::Unmanaged => VerdictKind::Unmanaged,
             Verdict::Untrusted => VerdictKind::Untrusted,
             Verdict::Exiting => VerdictKind::Exiting,
+            Verdict::Suspect => VerdictKind::Suspect,
         }
     }
 
@@ -177,7 +183,19 @@ fn assess_one(
         return bare(id, Verdict::Exiting);
     }
     let Some(binding) = model.bind(id) else {
-        return bare(id, Verdict::Unmanaged);
+        return match suspect_since(model, holder, id, now) {
+            Some(death) => Assessment {
+                grace: effective_grace(
+                    cfg.policy.grace,
+                    pressure,
+                    cfg.policy.soft,
+                    cfg.policy.hard,
+                ),
+                death: Some(death),
+                ..bare(id, Verdict::Suspect)
+            },
+            None => bare(id, Verdict::Unmanaged),
+        };
     };
     let sessions = model.bound_sessions(&binding, conns, now);
     let base = cfg
@@ -204,6 +222,23 @@ fn assess_one(
         grace,
         pressure,
     }
+}
+
+/// When a holder outside every service became a suspect: it holds GPU memory, and its
+/// original parent (as the model saw it at fork or first sight) is no longer its parent,
+/// which the kernel changes only when that parent dies.
+fn suspect_since(model: &mut Model, holder: &Holder, id: ProcId, now: Ns) -> Option<Death> {
+    if holder.memory.is_empty() {
+        return None;
+    }
+    model.parent_death(id, holder.ppid?, now)
+}
+
+/// How much of its grace a holder whose sessions (or original parent) died has left; `None`
+/// once it is spent (or when nothing died).
+pub fn grace_left(a: &Assessment, now: Ns) -> Option<Duration> {
+    let dead_for = Duration::from_nanos(now.saturating_sub(a.death.as_ref()?.at));
+    a.grace.checked_sub(dead_for).filter(|left| !left.is_zero())
 }
 
 /// Live while some session lives; then pending for the grace, orphan after it.

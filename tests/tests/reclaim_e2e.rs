@@ -468,3 +468,81 @@ fn a_service_matched_by_a_title_set_after_exec_is_reclaimed_when_its_root_dies()
     let _ = s.server.finish();
     d.stop();
 }
+
+/// The verdict reclaimctl lists for `pid`, if it is a holder.
+fn verdict_of(gpu: &FakeGpu, pid: u32) -> Option<String> {
+    let listed = reclaimctl_json(gpu, &["holders"]);
+    listed["holders"]
+        .as_array()?
+        .iter()
+        .find_map(|h| (h["pid"] == pid).then(|| h["verdict"].as_str().unwrap_or("").to_owned()))
+}
+
+/// Waits until reclaimctl lists `pid` with `verdict`; how long that took.
+fn wait_for_verdict(gpu: &FakeGpu, pid: u32, verdict: &str) -> Duration {
+    let since = std::time::Instant::now();
+    while verdict_of(gpu, pid).as_deref() != Some(verdict) {
+        let now = verdict_of(gpu, pid);
+        assert!(since.elapsed() < WAIT, "never {verdict}: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    since.elapsed()
+}
+
+/// With no `[[service]]` at all, the worker of a SIGKILLed server (reparented, still
+/// holding GPU memory) is listed as a suspect within a few sweeps and never signalled.
+#[test]
+fn with_no_service_a_reparented_holder_is_a_suspect_and_is_left_alone() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::builder(&gpu).policy("grace", "0s").start();
+    let s = start_service(&gpu, "llm-server", 512, &[]);
+    wait_for_verdict(&gpu, s.worker, "unmanaged");
+    kill(s.server.pid());
+    let took = wait_for_verdict(&gpu, s.worker, "suspect");
+    println!("suspect {} ms after the SIGKILL", took.as_millis());
+    std::thread::sleep(Duration::from_secs(2)); // ten sweeps
+    assert!(
+        alive(s.worker),
+        "a suspect is reported, never signalled by default"
+    );
+    assert_eq!(verdict_of(&gpu, s.worker).as_deref(), Some("suspect"));
+    assert!(
+        ledger_records(&d.ledger).is_empty(),
+        "nothing decided about it"
+    );
+    kill(s.worker);
+    let _ = s.server.finish();
+    d.stop();
+}
+
+/// `[policy] suspects = "enforce"`: the suspect is reclaimed through the ledger, as an
+/// orphan would be.
+#[test]
+fn suspects_enforced_are_reclaimed() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = Daemon::builder(&gpu)
+        .policy("grace", "0s")
+        .policy("suspects", "enforce")
+        .start();
+    let s = start_service(&gpu, "llm-server", 512, &[]);
+    wait_for_verdict(&gpu, s.worker, "unmanaged");
+    kill(s.server.pid());
+    let r = wait_for_record(&d.ledger, s.worker, WAIT);
+    assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+    assert_eq!(r.decision.action, Action::Reclaim);
+    assert!(
+        r.decision.reason.starts_with("suspect: "),
+        "{}",
+        r.decision.reason
+    );
+    assert!(
+        r.decision
+            .death_cause
+            .contains("killed by signal 9; reparented to"),
+        "{}",
+        r.decision.death_cause
+    );
+    assert!(!alive(s.worker));
+    let _ = s.server.finish();
+    d.stop();
+}

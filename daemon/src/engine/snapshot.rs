@@ -70,7 +70,7 @@ impl Engine {
             .map(|a| a.id)
             .collect();
         self.settle_released(&live, now, &mut effects);
-        let next = self.dispatch(assessments, room, &mut effects);
+        let next = self.dispatch(assessments, room, now, &mut effects);
         self.prune(live, s.inventory.holders.len(), now, &mut effects);
         Reconciled { effects, next }
     }
@@ -202,12 +202,20 @@ impl Engine {
         &mut self,
         assessments: Vec<Assessment>,
         mut room: usize,
+        now: Now,
         out: &mut Vec<Effect>,
     ) -> Option<Duration> {
         let mut next: Option<Duration> = None;
         let mut orphans = Vec::new();
+        let suspects = self.cfg.policy.suspects == crate::config::Mode::Enforce;
         for a in assessments {
             match &a.verdict {
+                // Opted into: a suspect past the grace is ordered as an orphan is.
+                Verdict::Suspect if suspects => match reconcile::grace_left(&a, now.mono) {
+                    Some(left) => next = Some(next.map_or(left, |n| n.min(left))),
+                    None if self.holders.undecided(&a.id) => orphans.push(a),
+                    None => {}
+                },
                 Verdict::Pending { remaining } => {
                     next = Some(next.map_or(*remaining, |n| n.min(*remaining)));
                     self.holders.dying.insert(a.id, a);

@@ -400,6 +400,36 @@ fn after_a_restart_the_lineage_binds_a_reparented_worker_to_its_dead_server() {
     );
 }
 
+/// No service configured: the worker of a server that was SIGKILLed, reparented to init and
+/// still holding GPU memory, is a suspect; ordered only with `suspects = "enforce"`.
+#[test]
+fn with_no_service_a_reparented_holder_whose_parent_died_is_a_suspect() {
+    for (policy, ordered) in [
+        ("", false),
+        ("suspects = \"enforce\"\ngrace = \"0s\"", true),
+    ] {
+        let cfg = Config::parse(&format!("[policy]\n{policy}\n"), "engine test").unwrap();
+        let mut e = Engine::new(Arc::new(cfg), Vec::new());
+        let r = e.on_snapshot(&snapshot(at(1.0), both(), true), at(1.0), 8);
+        assert_eq!(verdicts(&r.effects), [(WORKER.pid, VerdictKind::Unmanaged)]);
+        e.on_event(&server_exit(2.0), &mut Table::default(), at(2.0).mono);
+        let r = e.on_snapshot(&snapshot(at(2.5), orphaned(), true), at(2.5), 8);
+        assert_eq!(
+            verdicts(&r.effects),
+            [(WORKER.pid, VerdictKind::Suspect)],
+            "{policy}"
+        );
+        let judged = e.judged().unwrap();
+        let death = judged.assessments[0].death.as_ref().unwrap();
+        assert_eq!(death.at, at(2.0).mono);
+        assert_eq!(
+            death.cause,
+            "original parent 100 killed by signal 9; reparented to 1"
+        );
+        assert_eq!(orders(&r.effects).len(), usize::from(ordered), "{policy}");
+    }
+}
+
 /// The core names no edge: no probe (aya), ledger (SQLite), API (tonic, protobuf) or
 /// telemetry, and opens nothing itself.
 #[test]

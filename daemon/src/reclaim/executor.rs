@@ -25,7 +25,7 @@ use crate::{
     ledger::{Action, Decision, Outcome, Resolution},
     ledger_writer::LedgerWriter,
     model::ProcId,
-    reconcile::Assessment,
+    reconcile::{Assessment, Verdict},
 };
 
 /// How long a process gets to die after SIGKILL before the reclaim counts as failed.
@@ -332,10 +332,12 @@ impl Executor {
     /// (the safety screen, a dry run, the breaker).
     fn gate(&mut self, job: &Job) -> Result<String, String> {
         let a = &job.assessment;
+        let suspect = a.verdict == Verdict::Suspect;
         let refusal = policy::screen(
             &a.holder,
             job.exe.as_deref(),
             a.service.as_deref(),
+            suspect,
             &self.cfg,
             &self.never,
         );
@@ -365,8 +367,13 @@ impl Executor {
         if !allowed {
             return Err("breaker tripped".to_owned());
         }
+        let cause = a.death.as_ref().map(|d| d.cause.as_str()).unwrap_or("");
         Ok(match &job.manual {
             Some(m) => format!("manual request by uid {}: {}", m.uid, m.reason),
+            None if suspect => format!(
+                "suspect: outside every service, {cause} >= {:?} ago ([policy] suspects = \"enforce\")",
+                a.grace
+            ),
             None => format!(
                 "orphaned: every session dead for >= {:?} ({})",
                 a.grace,

@@ -35,11 +35,14 @@ pub struct Untouchable {
     pub pids: HashSet<u32>,
 }
 
-/// Screens a holder before any action. `service` is the service it is bound to, if any.
+/// Screens a holder before any action. `service` is the service it is bound to, if any;
+/// `suspect` says the holder is outside every service but a suspect (its original parent
+/// died), which `[policy] suspects` decides about.
 pub fn screen(
     holder: &Holder,
     exe: Option<&std::path::Path>,
     service: Option<&str>,
+    suspect: bool,
     cfg: &Config,
     never: &Untouchable,
 ) -> Result<(), Refusal> {
@@ -54,8 +57,10 @@ pub fn screen(
     if never.pids.contains(&pid) {
         return Err(Refusal::Unsafe("reclaimd or its ancestor".to_owned()));
     }
-    let Some(service) = service.and_then(|s| cfg.service(s)) else {
-        return Err(Refusal::Unsafe("outside every service".to_owned()));
+    let mode = match service.and_then(|s| cfg.service(s)) {
+        Some(service) => cfg.mode_of(service),
+        None if suspect => cfg.policy.suspects,
+        None => return Err(Refusal::Unsafe("outside every service".to_owned())),
     };
     let comm = holder.comm.as_deref().unwrap_or("");
     for entry in &cfg.policy.protect {
@@ -68,7 +73,7 @@ pub fn screen(
             return Err(Refusal::Protected(entry.clone()));
         }
     }
-    if cfg.mode_of(service) == Mode::Report {
+    if mode == Mode::Report {
         return Err(Refusal::Report);
     }
     Ok(())
@@ -120,24 +125,27 @@ mod tests {
         for (h, service, what) in &cases {
             assert!(
                 matches!(
-                    screen(h, None, *service, &c, &never),
+                    screen(h, None, *service, false, &c, &never),
                     Err(Refusal::Unsafe(_))
                 ),
                 "{what}"
             );
         }
         assert_eq!(
-            screen(&holder(500, 1, "sshd"), None, s, &c, &never),
+            screen(&holder(500, 1, "sshd"), None, s, false, &c, &never),
             Err(Refusal::Protected("sshd".into()))
         );
         let exe = std::path::Path::new("/usr/bin/keep-me");
         assert_eq!(
-            screen(&holder(500, 1, "w"), Some(exe), s, &c, &never),
+            screen(&holder(500, 1, "w"), Some(exe), s, false, &c, &never),
             Err(Refusal::Protected("/usr/bin/keep-*".into()))
         );
-        assert_eq!(screen(&holder(500, 1, "w"), None, s, &c, &never), Ok(()));
         assert_eq!(
-            screen(&holder(500, 1, "w"), None, Some("nb"), &c, &never),
+            screen(&holder(500, 1, "w"), None, s, false, &c, &never),
+            Ok(())
+        );
+        assert_eq!(
+            screen(&holder(500, 1, "w"), None, Some("nb"), false, &c, &never),
             Err(Refusal::Report),
             "per-service mode override"
         );
@@ -154,8 +162,43 @@ mod tests {
             pids: HashSet::new(),
         };
         assert_eq!(
-            screen(&holder(500, 1, "w"), None, Some("llm"), &c, &never),
+            screen(&holder(500, 1, "w"), None, Some("llm"), false, &c, &never),
             Err(Refusal::Report)
         );
+    }
+
+    #[test]
+    fn a_suspect_is_acted_on_only_when_suspects_are_enforced() {
+        let never = Untouchable {
+            pids: HashSet::new(),
+        };
+        let suspects = |mode: &str| {
+            Config::parse(
+                &format!("[policy]\nsuspects = \"{mode}\"\nprotect = [\"sshd\"]\n"),
+                "t",
+            )
+            .unwrap()
+        };
+        let w = holder(500, 1, "python3");
+        let report = suspects("report");
+        let enforce = suspects("enforce");
+        assert_eq!(
+            screen(&w, None, None, true, &report, &never),
+            Err(Refusal::Report)
+        );
+        assert_eq!(screen(&w, None, None, true, &enforce, &never), Ok(()));
+        assert!(matches!(
+            screen(&w, None, None, false, &enforce, &never),
+            Err(Refusal::Unsafe(_))
+        ));
+        let sshd = holder(501, 1, "sshd");
+        assert!(matches!(
+            screen(&sshd, None, None, true, &enforce, &never),
+            Err(Refusal::Protected(_))
+        ));
+        assert!(matches!(
+            screen(&holder(1, 0, "init"), None, None, true, &enforce, &never),
+            Err(Refusal::Unsafe(_))
+        ));
     }
 }
