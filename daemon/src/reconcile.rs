@@ -237,22 +237,21 @@ fn suspect_since(model: &mut Model, holder: &Holder, id: ProcId, now: Ns) -> Opt
 /// How much of its grace a holder whose sessions (or original parent) died has left; `None`
 /// once it is spent (or when nothing died).
 pub fn grace_left(a: &Assessment, now: Ns) -> Option<Duration> {
-    let dead_for = Duration::from_nanos(now.saturating_sub(a.death.as_ref()?.at));
-    a.grace.checked_sub(dead_for).filter(|left| !left.is_zero())
+    left_of(a.death.as_ref()?, a.grace, now)
+}
+
+/// What is left of `grace` after `death`; `None` once it is spent.
+fn left_of(death: &Death, grace: Duration, now: Ns) -> Option<Duration> {
+    let dead_for = Duration::from_nanos(now.saturating_sub(death.at));
+    grace.checked_sub(dead_for).filter(|left| !left.is_zero())
 }
 
 /// Live while some session lives; then pending for the grace, orphan after it.
 fn verdict_of(death: Option<&Death>, grace: Duration, now: Ns) -> Verdict {
-    let Some(d) = death else {
-        return Verdict::Live;
-    };
-    let dead_for = Duration::from_nanos(now.saturating_sub(d.at));
-    if dead_for >= grace {
-        Verdict::Orphan
-    } else {
-        Verdict::Pending {
-            remaining: grace - dead_for,
-        }
+    match death.map(|d| left_of(d, grace, now)) {
+        None => Verdict::Live,
+        Some(Some(remaining)) => Verdict::Pending { remaining },
+        Some(None) => Verdict::Orphan,
     }
 }
 

@@ -76,11 +76,8 @@ pub fn holder(v: &HolderView) -> pb::Holder {
         comm: h.comm.clone().unwrap_or_default(),
         start_time: h.start_time.unwrap_or(0),
         status: h.status.as_str().to_owned(),
-        service: a.and_then(|a| a.service.clone()).unwrap_or_default(),
-        verdict: a
-            .map(|a| a.verdict.as_str())
-            .unwrap_or("untrusted")
-            .to_owned(),
+        service: v.service().to_owned(),
+        verdict: v.verdict().as_str().to_owned(),
         grace_left_ms: match a.map(|a| &a.verdict) {
             Some(Verdict::Pending { remaining }) => remaining.as_millis() as u64,
             _ => 0,

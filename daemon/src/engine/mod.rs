@@ -273,9 +273,4 @@ impl Engine {
     pub fn queue_full(&self) -> u64 {
         self.queue_full
     }
-
-    /// Table sizes (processes, connections, pinned holders), for logs and memory checks.
-    pub fn sizes(&self) -> (usize, usize, usize) {
-        self.model.sizes()
-    }
 }

@@ -64,10 +64,15 @@ impl Runtime {
             .map(|h| HolderView {
                 holder: h.clone(),
                 assessment: by_pid.get(&h.pid).map(|a| (*a).clone()),
-                pod: self.hands.pods.pod_of(root, h.pid),
+                pod: None,
             })
             .filter(|h| q.service.is_empty() || h.service() == q.service)
             .filter(|h| q.verdict.is_none_or(|v| h.verdict() == v))
+            // The pod is read from /proc only for the holders the answer lists.
+            .map(|mut h| {
+                h.pod = self.hands.pods.pod_of(root, h.holder.pid);
+                h
+            })
             .collect();
         HoldersView {
             holders,
