@@ -190,6 +190,9 @@ pub struct KernelOffsets {
     /// Offset of `group_dead` in the `sched_process_exit` record (Linux >= 6.16), for
     /// `exit_filter::GROUP_DEAD`.
     pub exit_group_dead: u32,
+    /// Offset of `sock.sk_err`, read when a socket enters CLOSE: ETIMEDOUT there means the
+    /// kernel gave up on a peer that stopped answering (keepalive or user timeout). 0: unknown.
+    pub sock_sk_err: u32,
 }
 
 /// How the exit program knows that the exiting thread was its process's last
@@ -386,6 +389,7 @@ impl KernelOffsets {
             task_start_time: 0,
             exit_filter: exit_filter::NONE,
             exit_group_dead: 0,
+            sock_sk_err: 0,
         }
     }
 }
@@ -400,4 +404,4 @@ mod pod {
 // Layouts are ABI between kernel and user space: catch accidental changes at compile time.
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 68);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);

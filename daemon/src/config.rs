@@ -100,6 +100,24 @@ pub struct Service {
     /// Run before signalling, with the session's facts in its environment.
     pub hook: Option<PathBuf>,
     pub hook_timeout: Duration,
+    /// Kernel keepalive probes on the service's connections held by GPU holders, so that a
+    /// peer that vanished without FIN or RST is found dead (connection scope only).
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// `[service.heartbeat]`: what reclaimd sets on a connection's socket (`SO_KEEPALIVE`,
+/// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`, `TCP_USER_TIMEOUT`). A peer that fails
+/// `count` probes is closed by the kernel with ETIMEDOUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Silence before the first probe (whole seconds).
+    pub idle: Duration,
+    /// Between probes (whole seconds).
+    pub interval: Duration,
+    /// Unanswered probes before the kernel closes the connection.
+    pub count: u32,
+    /// How long sent data may stay unacknowledged (default idle + count × interval).
+    pub user_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -454,6 +472,16 @@ mod raw {
         pub grace: Option<String>,
         pub hook: Option<PathBuf>,
         pub hook_timeout: Option<String>,
+        pub heartbeat: Option<Heartbeat>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Heartbeat {
+        pub idle: Option<String>,
+        pub interval: Option<String>,
+        pub count: Option<u32>,
+        pub user_timeout: Option<String>,
     }
 
     type Invalid<'a> = &'a dyn Fn(&str, String) -> ConfigError;
@@ -788,7 +816,19 @@ mod raw {
                     format!("{} must be an absolute path", h.display()),
                 ));
             }
+            let heartbeat = match self.heartbeat {
+                None => None,
+                Some(_) if scope != Scope::Connection => {
+                    return Err(invalid(
+                        &at("heartbeat"),
+                        "probes a service's connections: it needs scope = \"connection\""
+                            .to_owned(),
+                    ));
+                }
+                Some(h) => Some(h.validate(&at, invalid)?),
+            };
             Ok(super::Service {
+                heartbeat,
                 name: self.name,
                 matcher,
                 ports: self.ports,
@@ -802,6 +842,60 @@ mod raw {
                     Duration::from_secs(10),
                     invalid,
                 )?,
+            })
+        }
+    }
+
+    /// TCP keeps keepalive times in whole seconds, at most `MAX_TCP_KEEPIDLE` (32767).
+    fn whole_seconds(d: Duration, key: &str, invalid: Invalid) -> Result<Duration, ConfigError> {
+        if d.subsec_nanos() != 0 || d.as_secs() == 0 || d.as_secs() > 32767 {
+            return Err(invalid(
+                key,
+                format!("{d:?}: keepalive times are whole seconds from 1s to 32767s"),
+            ));
+        }
+        Ok(d)
+    }
+
+    impl Heartbeat {
+        fn validate(
+            self,
+            at: &impl Fn(&str) -> String,
+            invalid: Invalid,
+        ) -> Result<super::Heartbeat, ConfigError> {
+            let key = |k: &str| at(&format!("heartbeat.{k}"));
+            let seconds = |v: &Option<String>, k: &str, default: u64| {
+                let d = duration(v, &key(k), Duration::from_secs(default), invalid)?;
+                whole_seconds(d, &key(k), invalid)
+            };
+            let idle = seconds(&self.idle, "idle", 30)?;
+            let interval = seconds(&self.interval, "interval", 10)?;
+            let count = self.count.unwrap_or(3);
+            if !(1..=127).contains(&count) {
+                return Err(invalid(
+                    &key("count"),
+                    format!("{count}: the kernel takes 1 to 127 probes"),
+                ));
+            }
+            let user_timeout = duration(
+                &self.user_timeout,
+                &key("user_timeout"),
+                idle + interval * count,
+                invalid,
+            )?;
+            if user_timeout < Duration::from_millis(1)
+                || user_timeout.as_millis() > i32::MAX as u128
+            {
+                return Err(invalid(
+                    &key("user_timeout"),
+                    format!("{user_timeout:?}: from 1ms to about 24 days"),
+                ));
+            }
+            Ok(super::Heartbeat {
+                idle,
+                interval,
+                count,
+                user_timeout,
             })
         }
     }

@@ -92,6 +92,8 @@ pub enum KernelEvent {
         /// 0 while the owner is unknown.
         owner_tgid: u32,
         owner_comm: String,
+        /// The socket's error (`sk_err`, an errno) on entering CLOSE; 0 when none or unknown.
+        error: i32,
     },
     Owner {
         ts_ns: u64,
@@ -170,6 +172,7 @@ impl KernelEvent {
                 new_state: TcpState::from_raw(ev.new_state),
                 owner_tgid: ev.owner_tgid,
                 owner_comm: comm(&ev.comm),
+                error: ev.exit_code,
             },
             EventKind::Owner => {
                 let source =
@@ -232,11 +235,13 @@ impl KernelEvent {
                 new_state,
                 owner_tgid,
                 owner_comm,
+                error,
                 ..
             } => {
                 let mut v = socket_json(socket, *owner_tgid, *owner_tgid, owner_comm);
                 v["old_state"] = json!(old_state.name());
                 v["new_state"] = json!(new_state.name());
+                v["error"] = json!(error);
                 v
             }
             Self::Owner {

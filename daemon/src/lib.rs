@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod gpu;
+pub mod heartbeat;
 pub mod human;
 pub mod ids;
 pub mod inventory_cmd;

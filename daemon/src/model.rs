@@ -142,6 +142,49 @@ pub struct Model {
 }
 
 /// The service a port belongs to, for connection-scoped services.
+/// A TCP state change as the model needs it.
+struct Change {
+    old: TcpState,
+    new: TcpState,
+    owner: u32,
+    /// `sk_err` on entering CLOSE.
+    error: i32,
+}
+
+/// Why a connection ended. `heartbeat`: reclaimd arms keepalive probes on the service's
+/// connections, so a timeout there is the heartbeat's verdict on a vanished peer.
+fn close_cause(new: TcpState, error: i32, heartbeat: bool) -> String {
+    match new {
+        TcpState::CloseWait => "peer closed (CLOSE_WAIT)".to_owned(),
+        // tcp_write_err reports the last ICMP error seen instead of ETIMEDOUT where there
+        // was one: a timeout all the same.
+        TcpState::Close if timed_out(error) && heartbeat => {
+            format!(
+                "heartbeat: the peer stopped answering ({})",
+                errno_name(error)
+            )
+        }
+        TcpState::Close if timed_out(error) => {
+            format!("peer timed out ({})", errno_name(error))
+        }
+        TcpState::Close if error == libc::ECONNRESET => "reset by peer (CLOSE)".to_owned(),
+        TcpState::Close => "reset or closed (CLOSE)".to_owned(),
+        s => format!("closed locally ({})", s.name()),
+    }
+}
+
+fn timed_out(error: i32) -> bool {
+    [libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ENETUNREACH].contains(&error)
+}
+
+fn errno_name(error: i32) -> &'static str {
+    match error {
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        _ => "ENETUNREACH",
+    }
+}
+
 fn service_of_port(services: &[Service], port: u16) -> Option<&Service> {
     services
         .iter()
@@ -265,6 +308,10 @@ impl Model {
         (self.procs.len(), self.conns.len(), self.pins.len())
     }
 
+    pub fn conn(&self, key: &ConnKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
     pub fn conns(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
@@ -328,14 +375,18 @@ impl Model {
                 old_state,
                 new_state,
                 owner_tgid,
+                error,
                 ..
             } => self.apply_tcp(
                 *ts_ns,
                 socket.sock,
                 socket.conn_key(),
-                *old_state,
-                *new_state,
-                *owner_tgid,
+                Change {
+                    old: *old_state,
+                    new: *new_state,
+                    owner: *owner_tgid,
+                    error: *error,
+                },
             ),
             KernelEvent::Owner { socket, tgid, .. } => {
                 if let Some(key) = self.socks.get(&socket.sock)
@@ -348,15 +399,13 @@ impl Model {
         }
     }
 
-    fn apply_tcp(
-        &mut self,
-        ts: Ns,
-        sock: u64,
-        key: ConnKey,
-        old: TcpState,
-        new: TcpState,
-        owner: u32,
-    ) -> bool {
+    fn apply_tcp(&mut self, ts: Ns, sock: u64, key: ConnKey, change: Change) -> bool {
+        let Change {
+            old,
+            new,
+            owner,
+            error,
+        } = change;
         let Some(service) = service_of_port(&self.services, key.local.port()) else {
             return false;
         };
@@ -364,6 +413,7 @@ impl Model {
             return false; // the listener, or a half-open request: not a session yet
         }
         let name = service.name.clone();
+        let heartbeat = service.heartbeat.is_some();
         let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
             key: key.clone(),
             sock,
@@ -377,12 +427,10 @@ impl Model {
         }
         self.socks.insert(sock, key);
         if conn.death.is_none() && !new.is_open() {
-            let cause = match new {
-                TcpState::CloseWait => "peer closed (CLOSE_WAIT)".to_owned(),
-                TcpState::Close => "reset or closed (CLOSE)".to_owned(),
-                s => format!("closed locally ({})", s.name()),
-            };
-            conn.death = Some(Death { at: ts, cause });
+            conn.death = Some(Death {
+                at: ts,
+                cause: close_cause(new, error, heartbeat),
+            });
             return true;
         }
         false
@@ -707,6 +755,7 @@ mod tests {
             grace: None,
             hook: None,
             hook_timeout: Duration::from_secs(1),
+            heartbeat: None,
         }
     }
 
@@ -892,6 +941,7 @@ mod tests {
             new_state: TcpState::from_raw(new),
             owner_tgid: owner,
             owner_comm: String::new(),
+            error: 0,
         }
     }
 

@@ -67,14 +67,24 @@ pub fn all_facts(proc_root: &Path) -> Vec<ProcFacts> {
 
 /// Inodes of the sockets `pid` holds open.
 pub fn socket_inodes(proc_root: &Path, pid: u32) -> Vec<u64> {
+    socket_fds(proc_root, pid)
+        .into_iter()
+        .map(|(_, inode)| inode)
+        .collect()
+}
+
+/// The socket fds `pid` holds open, with their inodes.
+pub fn socket_fds(proc_root: &Path, pid: u32) -> Vec<(u32, u64)> {
     fd_links(proc_root, pid)
         .into_iter()
-        .filter_map(|(_, t)| {
-            t.to_str()?
+        .filter_map(|(fd, t)| {
+            let inode = t
+                .to_str()?
                 .strip_prefix("socket:[")?
                 .strip_suffix(']')?
                 .parse()
-                .ok()
+                .ok()?;
+            Some((fd, inode))
         })
         .collect()
 }
@@ -160,6 +170,16 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<SocketAddr> {
 /// The TCP connections behind `pid`'s socket fds.
 pub fn connections_of(proc_root: &Path, pid: u32, table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
     connections_among(&socket_inodes(proc_root, pid), table)
+}
+
+/// The TCP connections of these socket fds, each with its fd.
+pub fn connections_held(
+    fds: &[(u32, u64)],
+    table: &HashMap<u64, TcpSocket>,
+) -> Vec<(u32, ConnKey)> {
+    fds.iter()
+        .filter_map(|(fd, i)| Some((*fd, table.get(i)?.key.clone())))
+        .collect()
 }
 
 /// The TCP connections of these socket inodes.

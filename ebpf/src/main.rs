@@ -281,6 +281,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     ev.tgid = info.owner_tgid;
     ev.comm = info.owner_comm;
     if ev.new_state == tcp_state::CLOSE {
+        // Why the kernel closed it: set before the CLOSE transition by tcp_reset
+        // (ECONNRESET) and tcp_write_err (ETIMEDOUT).
+        let off = offsets();
+        if off.valid != 0 && off.sock_sk_err != 0 {
+            ev.exit_code = read::<i32>(sk as *const u8, off.sock_sk_err).unwrap_or(0);
+        }
         let _ = SOCKS.remove(sk);
     } else {
         let _ = SOCKS.insert(sk, info, 0);

@@ -247,7 +247,9 @@ fn check_record(b: &[u8]) -> Result<(), TestCaseError> {
                 new_state,
                 owner_tgid,
                 owner_comm,
+                error,
             }) => {
+                prop_assert_eq!(error, u32_at(b, layout::EXIT_CODE) as i32);
                 prop_assert_eq!(ts_ns, ts);
                 check_socket(b, &socket)?;
                 prop_assert_eq!(old_state, b[layout::OLD_STATE]);

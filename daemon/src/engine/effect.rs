@@ -128,6 +128,8 @@ pub enum Effect {
         pod: Option<PodRef>,
     },
     LedgerFailed,
+    /// Arm a connection's heartbeat (kernel keepalive on its socket).
+    Heartbeat(super::Arm),
     /// Answer a manual reclaim.
     Reply {
         ticket: Ticket,

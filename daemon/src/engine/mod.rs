@@ -4,6 +4,7 @@
 //! [`Effect`]s for the runtime to carry out. It opens no file, socket or database, and reads
 //! no clock: so every path through it can be tested without a kernel, SQLite or tonic.
 mod effect;
+mod heartbeat;
 mod manual;
 mod snapshot;
 #[cfg(test)]
@@ -20,7 +21,8 @@ pub use self::{
         DomainEvent, Done, Effect, Judged, Manual, ManualError, ManualRequest, Order, Published,
         Target, Ticket,
     },
-    snapshot::{Reconciled, Snapshot},
+    heartbeat::Arm,
+    snapshot::{HeldFd, Reconciled, Snapshot},
 };
 use crate::{
     config::Config,
@@ -109,6 +111,7 @@ pub struct Engine {
     queue_full: u64,
     /// The last ledger write error, until a write succeeds again.
     ledger_error: Option<String>,
+    armed: heartbeat::Armed,
 }
 
 impl Engine {
@@ -144,6 +147,7 @@ impl Engine {
             manual: manual::Waits::default(),
             queue_full: 0,
             ledger_error: None,
+            armed: Default::default(),
         }
     }
 

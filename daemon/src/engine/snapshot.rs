@@ -30,8 +30,17 @@ pub struct Snapshot {
     pub inventory: Inventory,
     /// The connections each live holder's socket fds name.
     pub conns: HashMap<u32, Vec<ConnKey>>,
+    /// For each of those connections, one holder's fd to it (where a heartbeat is armed).
+    pub held: HashMap<ConnKey, HeldFd>,
     /// Fresh facts of live holders and their living ancestors (names change on exec).
     pub holder_facts: Vec<ProcFacts>,
+}
+
+/// An fd of a live process, as /proc listed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldFd {
+    pub pid: u32,
+    pub fd: u32,
 }
 
 /// What applying a snapshot asks for, and when to reconcile next.
@@ -48,14 +57,16 @@ impl Engine {
         let mut effects = Vec::new();
         self.observe(s, now);
         self.restore(&s.inventory);
+        let conns = self.carried_conns(s);
         let assessments =
-            reconcile::assess(&mut self.model, &self.cfg, &s.inventory, &s.conns, now.mono);
+            reconcile::assess(&mut self.model, &self.cfg, &s.inventory, &conns, now.mono);
         let pins = self.model.take_new_pins();
         if !pins.is_empty() {
             effects.push(Effect::RememberLineage(
                 pins.iter().map(|(id, b)| lineage(*id, b)).collect(),
             ));
         }
+        self.arm_heartbeats(&assessments, &s.held, &mut effects);
         self.announce(&assessments, now, &mut effects);
         self.bound = Bound::of(&assessments);
         self.last = Some(Judged {
@@ -73,6 +84,36 @@ impl Engine {
         let next = self.dispatch(assessments, room, now, &mut effects);
         self.prune(live, s.inventory.holders.len(), now, &mut effects);
         Reconciled { effects, next }
+    }
+
+    /// The snapshot's connections per holder, plus the dead ones each holder was bound to
+    /// last time: a socket the kernel closed (RST, heartbeat timeout) leaves the socket
+    /// tables at once while its holder may keep the fd, so /proc no longer names it.
+    fn carried_conns(&self, s: &Snapshot) -> HashMap<u32, Vec<ConnKey>> {
+        let mut conns = s.conns.clone();
+        let Some(last) = &self.last else {
+            return conns;
+        };
+        for a in &last.assessments {
+            let still = s
+                .inventory
+                .holders
+                .values()
+                .any(|h| h.pid == a.id.pid && h.start_time == Some(a.id.start_time));
+            if !still {
+                continue;
+            }
+            let held = conns.entry(a.id.pid).or_default();
+            for b in &a.sessions {
+                if let crate::model::SessionKey::Connection(k) = &b.key
+                    && !held.contains(k)
+                    && self.model.conn(k).is_some_and(|c| c.death.is_some())
+                {
+                    held.push(k.clone());
+                }
+            }
+        }
+        conns
     }
 
     fn observe(&mut self, s: &Snapshot, now: Now) {

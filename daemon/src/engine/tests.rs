@@ -107,6 +107,7 @@ fn snapshot(now: Now, procs: Vec<ProcFacts>, holding: bool) -> Snapshot {
             Vec::new()
         }),
         conns: HashMap::new(),
+        held: HashMap::new(),
         holder_facts: Vec::new(),
     }
 }

@@ -175,7 +175,7 @@ pub fn plan(tracefs: &Path, btf: &Btf, filter: ExitFilter) -> Plan {
         let checked = match cap {
             Capability::Exit => exit(tracefs, btf, filter, &mut plan.offsets),
             Capability::Fork => fork(btf, &mut plan.offsets),
-            Capability::Tcp => tcp(tracefs),
+            Capability::Tcp => tcp(tracefs, btf, &mut plan.offsets),
             Capability::OwnerAccept => {
                 after_tcp(&plan).and_then(|()| accept(tracefs, btf, &mut plan.offsets))
             }
@@ -247,7 +247,7 @@ fn fork(btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
     Ok(String::new())
 }
 
-fn tcp(tracefs: &Path) -> Result<String, String> {
+fn tcp(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
     let f = Format::read(
         tracefs,
         "sock",
@@ -259,7 +259,14 @@ fn tcp(tracefs: &Path) -> Result<String, String> {
         f.expect("sock/inet_sock_set_state", field, off)
             .map_err(text)?;
     }
-    Ok(String::new())
+    // Without it the capability still works; heartbeat timeouts then read as closes.
+    match btf.member_offset("sock", "sk_err") {
+        Ok(at) => {
+            o.sock_sk_err = at;
+            Ok(String::new())
+        }
+        Err(e) => Ok(format!("no close errors ({e}): timeouts read as closes")),
+    }
 }
 
 fn accept(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {

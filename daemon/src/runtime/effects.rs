@@ -111,6 +111,7 @@ impl Hands {
                 pod.as_ref(),
             ),
             Effect::LedgerFailed => self.metrics.ledger_error(),
+            Effect::Heartbeat(arm) => crate::heartbeat::arm(&arm),
             Effect::Reply { ticket, result } => {
                 if let Some(reply) = self.replies.remove(&ticket) {
                     let _ = reply.send(result);

@@ -4,7 +4,7 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use crate::{
     clock,
-    engine::Snapshot,
+    engine::{HeldFd, Snapshot},
     gpu::{GpuInventory, HolderStatus},
     model::ProcFacts,
     scan,
@@ -31,9 +31,9 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
         .filter(|h| h.status == HolderStatus::Live)
         .map(|h| h.pid)
         .collect();
-    let sockets: Vec<(u32, Vec<u64>)> = live
+    let sockets: Vec<(u32, Vec<(u32, u64)>)> = live
         .iter()
-        .map(|pid| (*pid, scan::socket_inodes(&proc_root, *pid)))
+        .map(|pid| (*pid, scan::socket_fds(&proc_root, *pid)))
         .collect();
     // The socket tables cost the kernel a walk of every socket (TIME_WAIT included: tens of
     // thousands under churn): read them only for a full scan or a holder with sockets.
@@ -42,9 +42,17 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
     } else {
         HashMap::new()
     };
+    let mut held = HashMap::new();
     let conns = sockets
         .iter()
-        .map(|(pid, inodes)| (*pid, scan::connections_among(inodes, &table)))
+        .map(|(pid, fds)| {
+            let found = scan::connections_held(fds, &table);
+            for (fd, key) in &found {
+                held.entry(key.clone())
+                    .or_insert(HeldFd { pid: *pid, fd: *fd });
+            }
+            (*pid, found.into_iter().map(|(_, key)| key).collect())
+        })
         .collect();
     let holder_facts = live
         .iter()
@@ -58,6 +66,7 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
             tcp: full.then(|| table.into_values().collect()),
             inventory,
             conns,
+            held,
             holder_facts,
         },
         took,

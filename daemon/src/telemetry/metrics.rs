@@ -488,6 +488,10 @@ pub fn cause_class(cause: &str) -> &'static str {
         "exit"
     } else if cause.starts_with("killed by signal") {
         "signal"
+    } else if cause.starts_with("heartbeat") {
+        "heartbeat"
+    } else if cause.starts_with("peer timed out") {
+        "timeout"
     } else if cause.starts_with("peer closed") {
         "peer_closed"
     } else if cause.starts_with("connection gone") || cause.starts_with("gone") {
@@ -543,6 +547,11 @@ mod tests {
         assert_eq!(cause_class("exited with code 0"), "exit");
         assert_eq!(cause_class("killed by signal 9"), "signal");
         assert_eq!(cause_class("peer closed (CLOSE_WAIT)"), "peer_closed");
+        assert_eq!(
+            cause_class("heartbeat: the peer stopped answering"),
+            "heartbeat"
+        );
+        assert_eq!(cause_class("reset by peer (CLOSE)"), "reset");
         assert_eq!(cause_class("gone (missing from /proc)"), "lost_events");
         assert_eq!(cause_class("anything else 1234"), "other");
     }
