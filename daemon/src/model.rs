@@ -141,7 +141,6 @@ pub struct Model {
     new_pins: Vec<(ProcId, Binding)>,
 }
 
-/// The service a port belongs to, for connection-scoped services.
 /// A TCP state change as the model needs it.
 struct Change {
     old: TcpState,
@@ -158,33 +157,27 @@ fn close_cause(new: TcpState, error: i32, heartbeat: bool) -> String {
         TcpState::CloseWait => "peer closed (CLOSE_WAIT)".to_owned(),
         // tcp_write_err reports the last ICMP error seen instead of ETIMEDOUT where there
         // was one: a timeout all the same.
-        TcpState::Close if timed_out(error) && heartbeat => {
-            format!(
-                "heartbeat: the peer stopped answering ({})",
-                errno_name(error)
-            )
-        }
-        TcpState::Close if timed_out(error) => {
-            format!("peer timed out ({})", errno_name(error))
-        }
-        TcpState::Close if error == libc::ECONNRESET => "reset by peer (CLOSE)".to_owned(),
-        TcpState::Close => "reset or closed (CLOSE)".to_owned(),
+        TcpState::Close => match timeout_name(error) {
+            Some(e) if heartbeat => format!("heartbeat: the peer stopped answering ({e})"),
+            Some(e) => format!("peer timed out ({e})"),
+            None if error == libc::ECONNRESET => "reset by peer (CLOSE)".to_owned(),
+            None => "reset or closed (CLOSE)".to_owned(),
+        },
         s => format!("closed locally ({})", s.name()),
     }
 }
 
-fn timed_out(error: i32) -> bool {
-    [libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ENETUNREACH].contains(&error)
-}
-
-fn errno_name(error: i32) -> &'static str {
+/// The errno's name when it says the kernel gave up on the peer.
+fn timeout_name(error: i32) -> Option<&'static str> {
     match error {
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        _ => "ENETUNREACH",
+        libc::ETIMEDOUT => Some("ETIMEDOUT"),
+        libc::EHOSTUNREACH => Some("EHOSTUNREACH"),
+        libc::ENETUNREACH => Some("ENETUNREACH"),
+        _ => None,
     }
 }
 
+/// The service a port belongs to, for connection-scoped services.
 fn service_of_port(services: &[Service], port: u16) -> Option<&Service> {
     services
         .iter()

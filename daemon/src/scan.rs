@@ -65,14 +65,6 @@ pub fn all_facts(proc_root: &Path) -> Vec<ProcFacts> {
         .collect()
 }
 
-/// Inodes of the sockets `pid` holds open.
-pub fn socket_inodes(proc_root: &Path, pid: u32) -> Vec<u64> {
-    socket_fds(proc_root, pid)
-        .into_iter()
-        .map(|(_, inode)| inode)
-        .collect()
-}
-
 /// The socket fds `pid` holds open, with their inodes.
 pub fn socket_fds(proc_root: &Path, pid: u32) -> Vec<(u32, u64)> {
     fd_links(proc_root, pid)
@@ -169,7 +161,10 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<SocketAddr> {
 
 /// The TCP connections behind `pid`'s socket fds.
 pub fn connections_of(proc_root: &Path, pid: u32, table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
-    connections_among(&socket_inodes(proc_root, pid), table)
+    connections_held(&socket_fds(proc_root, pid), table)
+        .into_iter()
+        .map(|(_, key)| key)
+        .collect()
 }
 
 /// The TCP connections of these socket fds, each with its fd.
@@ -179,15 +174,6 @@ pub fn connections_held(
 ) -> Vec<(u32, ConnKey)> {
     fds.iter()
         .filter_map(|(fd, i)| Some((*fd, table.get(i)?.key.clone())))
-        .collect()
-}
-
-/// The TCP connections of these socket inodes.
-pub fn connections_among(inodes: &[u64], table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
-    inodes
-        .iter()
-        .filter_map(|i| table.get(i))
-        .map(|s| s.key.clone())
         .collect()
 }
 

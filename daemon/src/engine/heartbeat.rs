@@ -25,11 +25,11 @@ impl Engine {
         // longer ours to watch.
         self.armed.retain(|k| held.contains_key(k));
         for a in assessments {
-            let Some(beat) = a
+            let Some((service, beat)) = a
                 .service
                 .as_deref()
-                .and_then(|name| self.cfg.services.iter().find(|s| s.name == name))
-                .and_then(|s| s.heartbeat)
+                .and_then(|name| self.cfg.service(name))
+                .and_then(|s| Some((&s.name, s.heartbeat?)))
             else {
                 continue;
             };
@@ -43,7 +43,7 @@ impl Engine {
                 };
                 if self.armed.insert(key.clone()) {
                     out.push(Effect::Heartbeat(Arm {
-                        service: a.service.clone().unwrap_or_default(),
+                        service: service.clone(),
                         conn: key.clone(),
                         holder: *holder,
                         beat,

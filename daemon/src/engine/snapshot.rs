@@ -98,8 +98,8 @@ impl Engine {
             let still = s
                 .inventory
                 .holders
-                .values()
-                .any(|h| h.pid == a.id.pid && h.start_time == Some(a.id.start_time));
+                .get(&a.id.pid)
+                .is_some_and(|h| h.start_time == Some(a.id.start_time));
             if !still {
                 continue;
             }
