@@ -78,6 +78,34 @@ pub struct Matcher {
     pub cmdline: Option<Cmdline>,
 }
 
+/// Which of a service's matchers recognised a process: the key under `match`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantNames,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum MatchKind {
+    Comm,
+    Exe,
+    Cgroup,
+    Unit,
+    Cmdline,
+}
+
+impl MatchKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// A compiled `cmdline` pattern; equal when written the same.
 #[derive(Debug, Clone)]
 pub struct Cmdline(pub regex::Regex);
@@ -1148,10 +1176,43 @@ hook = "/usr/local/bin/drain"
                 "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\n[[service]]\nname = \"a\"\nmatch = { comm = [\"y\"] }\n",
                 "service[1].name",
             ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\n[service.heartbeat]\n",
+                "service[0].heartbeat: probes a service's connections",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\nports = [1]\nscope = \"connection\"\n[service.heartbeat]\nidle = \"1500ms\"\n",
+                "service[0].heartbeat.idle",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\nports = [1]\nscope = \"connection\"\n[service.heartbeat]\ncount = 0\n",
+                "service[0].heartbeat.count",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nmatch = { comm = [\"x\"] }\nports = [1]\nscope = \"connection\"\n[service.heartbeat]\nuser_timeout = \"0s\"\n",
+                "service[0].heartbeat.user_timeout",
+            ),
         ] {
             let e = err(text);
             assert!(e.contains(key), "{text:?} -> {e}");
         }
+    }
+
+    #[test]
+    fn a_heartbeat_without_values_takes_the_defaults() {
+        let text = "[[service]]\nname = \"api\"\nmatch = { comm = [\"x\"] }\nports = [8000]\n\
+                    scope = \"connection\"\n[service.heartbeat]\ninterval = \"5s\"\n";
+        let cfg = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(
+            cfg.services[0].heartbeat,
+            Some(Heartbeat {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(5),
+                count: 3,
+                user_timeout: Duration::from_secs(45),
+            }),
+            "user_timeout defaults to idle + count × interval"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+use crate::{config::MatchKind, model::Matched};
+
 pub use crate::{
     config::DEFAULT_LEDGER_PATH,
     record::{ALL_OUTCOMES, Action, Decision, Lineage, Outcome, Record, Resolution},
@@ -59,9 +61,15 @@ const MIGRATIONS: &[&str] = &[
         root_start_time INTEGER NOT NULL,
         PRIMARY KEY (pid, start_time)
     );",
+    // 2: what made a holder its service's (the matcher, and the process it recognised).
+    "ALTER TABLE lineage ADD COLUMN matched_pid INTEGER;
+    ALTER TABLE lineage ADD COLUMN matched_by TEXT;",
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const LINEAGE_COLUMNS: &str =
+    "pid, start_time, service, root_pid, root_start_time, matched_pid, matched_by";
 
 const DEFAULT_QUERY_LIMIT: u32 = 100;
 /// One more than the API's largest page: it asks for a row beyond the page to know that a
@@ -108,6 +116,14 @@ impl FromSql for Action {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
         let s = value.as_str()?;
         Action::parse(s).ok_or_else(|| FromSqlError::Other(format!("unknown action {s:?}").into()))
+    }
+}
+
+impl FromSql for MatchKind {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        s.parse()
+            .map_err(|_| FromSqlError::Other(format!("unknown matcher {s:?}").into()))
     }
 }
 
@@ -354,8 +370,9 @@ impl Ledger {
     /// Inserts or replaces the lineage of (pid, start_time).
     pub fn remember_lineage(&self, l: &Lineage) -> Result<(), LedgerError> {
         let mut stmt = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO lineage (pid, start_time, service, root_pid, root_start_time)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO lineage (pid, start_time, service, root_pid, root_start_time,
+                 matched_pid, matched_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         stmt.execute(params![
             l.pid,
@@ -363,15 +380,16 @@ impl Ledger {
             l.service,
             l.root_pid,
             u64_to_sql(l.root_start_time),
+            l.matched.map(|m| m.pid),
+            l.matched.map(|m| m.by.as_str()),
         ])?;
         Ok(())
     }
 
     pub fn lineage(&self, pid: u32, start_time: u64) -> Result<Option<Lineage>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT pid, start_time, service, root_pid, root_start_time FROM lineage
-             WHERE pid = ?1 AND start_time = ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {LINEAGE_COLUMNS} FROM lineage WHERE pid = ?1 AND start_time = ?2"
+        ))?;
         Ok(stmt
             .query_row(params![pid, u64_to_sql(start_time)], lineage_from_row)
             .optional()?)
@@ -379,9 +397,9 @@ impl Ledger {
 
     /// Every lineage remembered: what a starting daemon restores its bindings from.
     pub fn lineages(&self) -> Result<Vec<Lineage>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT pid, start_time, service, root_pid, root_start_time FROM lineage",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {LINEAGE_COLUMNS} FROM lineage"))?;
         let rows = stmt.query_map([], lineage_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -518,7 +536,18 @@ fn lineage_from_row(row: &Row<'_>) -> rusqlite::Result<Lineage> {
         service: row.get("service")?,
         root_pid: sql_to_u32(row.get("root_pid")?),
         root_start_time: sql_to_u64(row.get("root_start_time")?),
+        matched: matched_from_row(row)?,
     })
+}
+
+/// The lineage's matcher; `None` in rows written before schema version 2.
+fn matched_from_row(row: &Row<'_>) -> rusqlite::Result<Option<Matched>> {
+    let pid: Option<i64> = row.get("matched_pid")?;
+    let by: Option<MatchKind> = row.get("matched_by")?;
+    Ok(pid.zip(by).map(|(pid, by)| Matched {
+        pid: sql_to_u32(pid),
+        by,
+    }))
 }
 
 #[cfg(test)]
@@ -981,6 +1010,29 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_ledger_keeps_its_lineage_without_a_matcher() {
+        let dir = TempDir::new("v1");
+        {
+            let conn = Connection::open(dir.db()).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute("INSERT INTO lineage VALUES (10, 500, 'vllm', 1, 1000)", [])
+                .unwrap();
+        }
+        let ledger = Ledger::open(&dir.db()).unwrap();
+        assert_eq!(raw_user_version(&dir.db()), SCHEMA_VERSION);
+        let old = Lineage {
+            pid: 10,
+            start_time: 500,
+            service: "vllm".to_owned(),
+            root_pid: 1,
+            root_start_time: 1_000,
+            matched: None,
+        };
+        assert_eq!(ledger.lineages().unwrap(), vec![old]);
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let dir = TempDir::new("toonew");
         drop(Ledger::open(&dir.db()).unwrap());
@@ -1039,6 +1091,10 @@ mod tests {
             service: "vllm".to_owned(),
             root_pid,
             root_start_time: 1_000,
+            matched: Some(Matched {
+                pid: root_pid,
+                by: MatchKind::Cmdline,
+            }),
         };
         assert_eq!(ledger.lineage(10, 500).unwrap(), None);
         ledger.remember_lineage(&l(10, 500, 1)).unwrap();

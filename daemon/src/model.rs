@@ -16,7 +16,7 @@ use reclaimd_common::TcpState;
 use serde::Serialize;
 
 use crate::{
-    config::{Scope, Service},
+    config::{MatchKind, Scope, Service},
     event::{ExitStatus, KernelEvent},
 };
 
@@ -88,6 +88,25 @@ pub struct Conn {
 pub struct Binding {
     pub service: String,
     pub root: ProcId,
+    /// What made the holder the service's; `None` for a binding remembered by a ledger
+    /// written before reclaimd recorded it.
+    pub matched: Option<Matched>,
+}
+
+/// Why a process is a service's: the nearest process (itself or an ancestor) that one of
+/// the service's matchers recognised, and which matcher did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Matched {
+    pub pid: u32,
+    pub by: MatchKind,
+}
+
+/// A process's service, the root of its process session, and why it is the service's.
+#[derive(Debug, Clone, Copy)]
+pub struct Membership<'a> {
+    pub service: &'a Service,
+    pub root: ProcId,
+    pub matched: Matched,
 }
 
 /// A session a holder is bound to, and whether it lives.
@@ -184,44 +203,60 @@ fn service_of_port(services: &[Service], port: u16) -> Option<&Service> {
         .find(|s| s.scope == Scope::Connection && s.ports.contains(&port))
 }
 
-/// Whether a process matches a service's matcher directly (any given matcher suffices).
+/// Which of a service's matchers recognises a process directly (the first that does, in
+/// the order of [`MatchKind`]); `None` when none does.
 pub fn matches(
     s: &Service,
     comm: &str,
     exe: Option<&std::path::Path>,
     cgroup: Option<&str>,
-) -> bool {
+    cmdline: Option<&str>,
+) -> Option<MatchKind> {
     let m = &s.matcher;
+    // Cheapest first: the regex last.
     if m.comm.iter().any(|c| c == comm) {
-        return true;
+        return Some(MatchKind::Comm);
     }
-    if let (Some(p), Some(exe)) = (&m.exe, exe)
-        && p.matches_path(exe)
+    if m.exe
+        .as_ref()
+        .zip(exe)
+        .is_some_and(|(p, e)| p.matches_path(e))
     {
-        return true;
+        return Some(MatchKind::Exe);
     }
-    if let (Some(prefix), Some(cg)) = (&m.cgroup, cgroup)
-        && (cg == prefix || cg.starts_with(&format!("{}/", prefix.trim_end_matches('/'))))
+    if m.cgroup
+        .as_ref()
+        .zip(cgroup)
+        .is_some_and(|(p, cg)| in_cgroup(p, cg))
     {
-        return true;
+        return Some(MatchKind::Cgroup);
     }
-    if let (Some(unit), Some(cg)) = (&m.unit, cgroup) {
-        let want = if unit.contains('.') {
-            unit.clone()
-        } else {
-            format!("{unit}.service")
-        };
-        return cg.split('/').any(|part| part == want);
+    if m.unit
+        .as_ref()
+        .zip(cgroup)
+        .is_some_and(|(u, cg)| in_unit(u, cg))
+    {
+        return Some(MatchKind::Unit);
     }
-    false
+    let by_cmdline = m.cmdline.as_ref().zip(cmdline);
+    by_cmdline
+        .is_some_and(|(re, line)| re.0.is_match(line))
+        .then_some(MatchKind::Cmdline)
 }
 
-/// Whether a process's command line matches a service's `cmdline` pattern.
-pub fn matches_cmdline(s: &Service, cmdline: Option<&str>) -> bool {
-    match (&s.matcher.cmdline, cmdline) {
-        (Some(re), Some(line)) => re.0.is_match(line),
-        _ => false,
-    }
+/// Whether cgroup `cg` is `prefix` or lies below it.
+fn in_cgroup(prefix: &str, cg: &str) -> bool {
+    cg == prefix || cg.starts_with(&format!("{}/", prefix.trim_end_matches('/')))
+}
+
+/// Whether cgroup `cg` is (or lies in) the systemd unit `unit` (`NAME` means `NAME.service`).
+fn in_unit(unit: &str, cg: &str) -> bool {
+    let want = if unit.contains('.') {
+        unit.to_owned()
+    } else {
+        format!("{unit}.service")
+    };
+    cg.split('/').any(|part| part == want)
 }
 
 impl Model {
@@ -263,13 +298,13 @@ impl Model {
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let mut out: Vec<SessionInfo> = Vec::new();
         for (pid, p) in &self.procs {
-            let (Some(start_time), Some(service)) = (p.start_time, self.direct_service(*pid))
+            let (Some(start_time), Some((service, _))) = (p.start_time, self.direct_service(*pid))
             else {
                 continue;
             };
             if self
                 .direct_service(p.ppid)
-                .is_some_and(|parent| parent.name == service.name)
+                .is_some_and(|(parent, _)| parent.name == service.name)
             {
                 continue;
             }
@@ -517,17 +552,23 @@ impl Model {
         }
     }
 
-    fn direct_service(&self, pid: u32) -> Option<&Service> {
+    fn direct_service(&self, pid: u32) -> Option<(&Service, MatchKind)> {
         let p = self.procs.get(&pid)?;
-        self.services.iter().find(|s| {
-            matches(s, &p.comm, p.exe.as_deref(), p.cgroup.as_deref())
-                || matches_cmdline(s, p.cmdline.as_deref())
+        self.services.iter().find_map(|s| {
+            let by = matches(
+                s,
+                &p.comm,
+                p.exe.as_deref(),
+                p.cgroup.as_deref(),
+                p.cmdline.as_deref(),
+            )?;
+            Some((s, by))
         })
     }
 
     /// The service `pid` belongs to (its own match, else its ancestors'), and that
     /// service's root: the topmost ancestor-or-self in the service whose parent is not.
-    pub fn service_root(&self, pid: u32) -> Option<(&Service, ProcId)> {
+    pub fn service_root(&self, pid: u32) -> Option<Membership<'_>> {
         let mut chain = Vec::new();
         let mut cur = pid;
         for _ in 0..64 {
@@ -539,27 +580,31 @@ impl Model {
             cur = p.ppid;
         }
         // Innermost service wins: the nearest matching process from the holder upwards.
-        let (idx, service) = chain
+        let (idx, (service, by)) = chain
             .iter()
             .enumerate()
-            .find_map(|(i, pid)| self.direct_service(*pid).map(|s| (i, s)))?;
+            .find_map(|(i, pid)| self.direct_service(*pid).map(|m| (i, m)))?;
         // Climb while ancestors still match the same service.
         let mut root_idx = idx;
         for (i, pid) in chain.iter().enumerate().skip(idx + 1) {
             match self.direct_service(*pid) {
-                Some(s) if s.name == service.name => root_idx = i,
+                Some((s, _)) if s.name == service.name => root_idx = i,
                 _ => break,
             }
         }
         let root_pid = chain[root_idx];
         let start_time = self.procs.get(&root_pid)?.start_time?;
-        Some((
+        Some(Membership {
             service,
-            ProcId {
+            root: ProcId {
                 pid: root_pid,
                 start_time,
             },
-        ))
+            matched: Matched {
+                pid: chain[idx],
+                by,
+            },
+        })
     }
 
     /// The holder's binding, pinned at first call; `None` outside every service.
@@ -567,10 +612,11 @@ impl Model {
         if let Some(b) = self.pins.get(&holder) {
             return Some(b.clone());
         }
-        let (service, root) = self.service_root(holder.pid)?;
+        let m = self.service_root(holder.pid)?;
         let b = Binding {
-            service: service.name.clone(),
-            root,
+            service: m.service.name.clone(),
+            root: m.root,
+            matched: Some(m.matched),
         };
         self.pins.insert(holder, b.clone());
         self.new_pins.push((holder, b.clone()));
@@ -779,8 +825,19 @@ mod tests {
         let mut other = facts(12, 1, 4, "python3");
         other.cmdline = Some("python3 -m http.server".into());
         m.observe_procs(&[server, worker, other], 1);
-        let (svc, root) = m.service_root(11).expect("the worker is in the service");
-        assert_eq!((svc.name.as_str(), root.pid), ("vllm", 10));
+        let member = m.service_root(11).expect("the worker is in the service");
+        assert_eq!(
+            (member.service.name.as_str(), member.root.pid),
+            ("vllm", 10)
+        );
+        assert_eq!(
+            member.matched,
+            Matched {
+                pid: 10,
+                by: MatchKind::Cmdline
+            },
+            "the worker is the service's through its server's command line"
+        );
         assert!(m.service_root(12).is_none(), "another python3 is not");
     }
 
@@ -852,9 +909,17 @@ mod tests {
             ],
             1,
         );
-        let (s, root) = m.service_root(12).unwrap();
-        assert_eq!(s.name, "llm");
-        assert_eq!(root.pid, 10);
+        let member = m.service_root(12).unwrap();
+        assert_eq!(member.service.name, "llm");
+        assert_eq!(member.root.pid, 10);
+        assert_eq!(
+            member.matched,
+            Matched {
+                pid: 11,
+                by: MatchKind::Comm
+            },
+            "the nearest matching ancestor made it the service's"
+        );
         assert!(m.service_root(13).is_none());
         assert!(
             m.bind(ProcId {
@@ -1054,35 +1119,57 @@ mod tests {
     fn unit_cgroup_and_exe_matchers() {
         let mut s = svc("nb", "nomatch", Scope::Process, vec![]);
         s.matcher.unit = Some("jupyter".into());
-        assert!(matches(
-            &s,
-            "python",
-            None,
-            Some("/system.slice/jupyter.service")
-        ));
-        assert!(!matches(
-            &s,
-            "python",
-            None,
-            Some("/system.slice/other.service")
-        ));
+        assert_eq!(
+            matches(
+                &s,
+                "python",
+                None,
+                Some("/system.slice/jupyter.service"),
+                None
+            ),
+            Some(MatchKind::Unit)
+        );
+        assert_eq!(
+            matches(
+                &s,
+                "python",
+                None,
+                Some("/system.slice/other.service"),
+                None
+            ),
+            None
+        );
         s.matcher.unit = None;
         s.matcher.cgroup = Some("/kubepods/burstable".into());
-        assert!(matches(&s, "x", None, Some("/kubepods/burstable/pod1/c1")));
-        assert!(!matches(&s, "x", None, Some("/kubepods/burstable2")));
+        assert_eq!(
+            matches(&s, "x", None, Some("/kubepods/burstable/pod1/c1"), None),
+            Some(MatchKind::Cgroup)
+        );
+        assert_eq!(
+            matches(&s, "x", None, Some("/kubepods/burstable2"), None),
+            None
+        );
         s.matcher.cgroup = None;
         s.matcher.exe = Some(glob::Pattern::new("/opt/llm/*").unwrap());
-        assert!(matches(
-            &s,
-            "x",
-            Some(std::path::Path::new("/opt/llm/bin")),
+        assert_eq!(
+            matches(
+                &s,
+                "x",
+                Some(std::path::Path::new("/opt/llm/bin")),
+                None,
+                None
+            ),
+            Some(MatchKind::Exe)
+        );
+        assert_eq!(
+            matches(
+                &s,
+                "x",
+                Some(std::path::Path::new("/usr/bin/llm")),
+                None,
+                None
+            ),
             None
-        ));
-        assert!(!matches(
-            &s,
-            "x",
-            Some(std::path::Path::new("/usr/bin/llm")),
-            None
-        ));
+        );
     }
 }

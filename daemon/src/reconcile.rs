@@ -8,7 +8,7 @@ use strum::{EnumIter, EnumString, IntoStaticStr, VariantNames};
 use crate::{
     config::Config,
     gpu::{Holder, Inventory},
-    model::{BoundSession, ConnKey, Death, Model, Ns, ProcId},
+    model::{BoundSession, ConnKey, Death, Matched, Model, Ns, ProcId},
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,6 +37,9 @@ pub struct Assessment {
     pub id: ProcId,
     pub holder: Holder,
     pub service: Option<String>,
+    /// What made the holder its service's (none outside every service, or for a binding
+    /// restored from an older ledger).
+    pub matched: Option<Matched>,
     pub sessions: Vec<BoundSession>,
     /// When every bound session is dead: the latest death, which starts the grace period.
     pub death: Option<Death>,
@@ -162,6 +165,7 @@ fn assess_one(
         id,
         holder: holder.clone(),
         service: None,
+        matched: None,
         sessions: Vec::new(),
         death: None,
         grace: Duration::ZERO,
@@ -216,6 +220,7 @@ fn assess_one(
         id,
         holder: holder.clone(),
         service: Some(binding.service),
+        matched: binding.matched,
         sessions,
         verdict: verdict_of(death.as_ref(), grace, now),
         death,
@@ -304,6 +309,7 @@ mod tests {
             id: ProcId { pid, start_time },
             holder,
             service: None,
+            matched: None,
             sessions: Vec::new(),
             death: None,
             grace: Duration::ZERO,

@@ -1,6 +1,6 @@
 //! What the ledger holds: decisions about holders, their outcomes, and holders' lineage.
 //! Plain data, so the engine can say what to record without knowing how it is stored.
-use crate::{clock::Now, reconcile::Assessment};
+use crate::{clock::Now, model::Matched, reconcile::Assessment};
 
 /// What was decided about a holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -132,6 +132,8 @@ pub struct Lineage {
     pub service: String,
     pub root_pid: u32,
     pub root_start_time: u64,
+    /// What made it the service's (`None` in rows written before reclaimd recorded it).
+    pub matched: Option<Matched>,
 }
 
 /// The ledger row for a decision about `a`, made at `now`.

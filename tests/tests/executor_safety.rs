@@ -81,6 +81,7 @@ fn orphan_job(s: &Setup, pid: u32) -> Job {
             },
             holder,
             service: Some("llm".to_owned()),
+            matched: None,
             sessions: vec![BoundSession {
                 kind: SessionKind::Process,
                 key: "pid:1@1".parse().expect("session key"),

@@ -4,9 +4,9 @@ use std::{process::Command, time::Duration};
 
 use reclaimd::ledger::{Action, Outcome};
 use reclaimd_tests::{
-    Daemon, FakeGpu, TwoConnections, Workload, alive, connection_service, free_port, kill,
-    ledger_records, llm_service, reclaimctl_json, reclaimd_bin, spawn_server, wait_for_record,
-    wait_until_bound,
+    Daemon, FakeGpu, TwoConnections, Workload, alive, connection_service, free_port, holder_listed,
+    kill, ledger_records, llm_service, reclaimctl_json, reclaimd_bin, spawn_server,
+    wait_for_record, wait_until_bound,
 };
 
 fn workload() -> String {
@@ -436,6 +436,9 @@ fn a_service_matched_by_its_command_line_alone_is_reclaimed_when_its_root_dies()
         .start();
     let bystander = start_service(&gpu, "python3", 0, &["--model=other"]);
     let s = start_service(&gpu, "python3", 1024, &["--model=e2e-cmdline-llama"]);
+    wait_until_bound(&gpu, &[s.worker]);
+    // A forked worker keeps its server's command line: it matches by itself.
+    assert_matched(&gpu, s.worker, "cmdline", s.worker);
     let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert_eq!(r.decision.service, "vllm");
@@ -461,6 +464,8 @@ fn a_service_matched_by_a_title_set_after_exec_is_reclaimed_when_its_root_dies()
         .start();
     let s = start_service(&gpu, "python3", 1024, &["rename=sglang::sched"]);
     assert_eq!(s.server.line("renamed"), "");
+    wait_until_bound(&gpu, &[s.worker]);
+    assert_matched(&gpu, s.worker, "comm", s.server.pid());
     let r = kill_server_and_wait(&gpu, &d, &s);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert_eq!(r.decision.service, "sglang");
@@ -471,11 +476,18 @@ fn a_service_matched_by_a_title_set_after_exec_is_reclaimed_when_its_root_dies()
 
 /// The verdict reclaimctl lists for `pid`, if it is a holder.
 fn verdict_of(gpu: &FakeGpu, pid: u32) -> Option<String> {
-    let listed = reclaimctl_json(gpu, &["holders"]);
-    listed["holders"]
-        .as_array()?
-        .iter()
-        .find_map(|h| (h["pid"] == pid).then(|| h["verdict"].as_str().unwrap_or("").to_owned()))
+    let h = holder_listed(gpu, pid)?;
+    Some(h["verdict"].as_str().unwrap_or("").to_owned())
+}
+
+/// Asserts that reclaimctl says `by` on process `on` made `pid` its service's.
+fn assert_matched(gpu: &FakeGpu, pid: u32, by: &str, on: u32) {
+    let h = holder_listed(gpu, pid).expect("listed");
+    assert_eq!(
+        (h["matched_by"].as_str(), h["matched_pid"].as_u64()),
+        (Some(by), Some(u64::from(on))),
+        "{h}"
+    );
 }
 
 /// Waits until reclaimctl lists `pid` with `verdict`; how long that took.

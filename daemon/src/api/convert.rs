@@ -71,6 +71,7 @@ fn kind(k: ProcessKind) -> &'static str {
 pub fn holder(v: &HolderView) -> pb::Holder {
     let (h, a) = (&v.holder, v.assessment.as_ref());
     let pod = v.pod.clone().unwrap_or_default();
+    let matched = a.and_then(|a| a.matched);
     pb::Holder {
         pid: h.pid,
         comm: h.comm.clone().unwrap_or_default(),
@@ -98,6 +99,8 @@ pub fn holder(v: &HolderView) -> pb::Holder {
         k8s_namespace: pod.namespace,
         k8s_pod: pod.pod,
         k8s_container: pod.container,
+        matched_by: matched.map(|m| m.by.as_str()).unwrap_or("").to_owned(),
+        matched_pid: matched.map_or(0, |m| m.pid),
     }
 }
 

@@ -295,8 +295,8 @@ impl Ctl {
             .map_err(|s| self.failure(s))?
             .into_inner();
         let header = format!(
-            "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} SESSIONS",
-            "PID", "COMM", "SERVICE", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
+            "{:>8} {:<16} {:<12} {:<18} {:<10} {:>12}  {:<10} {:<24} SESSIONS",
+            "PID", "COMM", "SERVICE", "MATCHED BY", "VERDICT", "GPU MEMORY", "GRACE LEFT", "POD"
         );
         self.table(&r, &header, r.holders.iter().map(holder_row))
     }
@@ -440,8 +440,14 @@ fn holder_row(h: &pb::Holder) -> String {
     } else {
         format!("{}/{}/{}", h.k8s_namespace, h.k8s_pod, h.k8s_container)
     };
+    // Which matcher made it the service's, and on which process: itself, or an ancestor.
+    let matched = match (h.matched_by.as_str(), h.matched_pid) {
+        ("", _) => "-".to_owned(),
+        (by, pid) if pid == h.pid => format!("{by} (self)"),
+        (by, pid) => format!("{by} (pid {pid})"),
+    };
     format!(
-        "{:>8} {:<16} {:<12} {:<10} {:>12}  {:<10} {:<24} {}",
+        "{:>8} {:<16} {:<12} {:<18} {:<10} {:>12}  {:<10} {:<24} {}",
         h.pid,
         h.comm,
         if h.service.is_empty() {
@@ -449,6 +455,7 @@ fn holder_row(h: &pb::Holder) -> String {
         } else {
             &h.service
         },
+        matched,
         h.verdict,
         mem,
         grace,

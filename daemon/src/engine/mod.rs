@@ -132,6 +132,7 @@ impl Engine {
                     Binding {
                         service: l.service,
                         root,
+                        matched: l.matched,
                     },
                 )
             })
@@ -184,7 +185,7 @@ impl Engine {
                     || self
                         .model
                         .service_root(*tgid)
-                        .is_some_and(|(_, root)| root.pid == *tgid) =>
+                        .is_some_and(|m| m.root.pid == *tgid) =>
             {
                 Urgency::Now
             }

@@ -334,5 +334,6 @@ fn lineage(id: ProcId, b: &Binding) -> Lineage {
         service: b.service.clone(),
         root_pid: b.root.pid,
         root_start_time: b.root.start_time,
+        matched: b.matched,
     }
 }

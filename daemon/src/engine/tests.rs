@@ -376,6 +376,7 @@ fn after_a_restart_the_lineage_binds_a_reparented_worker_to_its_dead_server() {
         service: "llm".to_owned(),
         root_pid: SERVER.pid,
         root_start_time: SERVER.start_time,
+        matched: None,
     };
     // Without the lineage the worker (not llm-server, parent init) is nobody's.
     let mut forgetful = engine("0s", Vec::new());
