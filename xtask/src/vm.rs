@@ -43,9 +43,10 @@ pub const KERNELS: [Kernel; 3] = [
     },
 ];
 
-/// The test binaries run in each VM: the kernel events, the reclaim end to end, and the
-/// thread-group liveness tests (eBPF and fallback).
-pub const TESTS: [&str; 3] = ["kernel_events", "reclaim_e2e", "thread_group"];
+/// The test binaries run in each VM: the kernel events, the reclaim end to end, the
+/// thread-group liveness tests (eBPF and fallback), and the heartbeat (the socket error
+/// read at CLOSE through BTF offsets, keepalive in each kernel's TCP stack).
+pub const TESTS: [&str; 4] = ["kernel_events", "reclaim_e2e", "thread_group", "heartbeat"];
 
 /// What booting a Debian kernel with the host's file system needs: QEMU, busybox for the
 /// guest's initramfs, depmod for the unpacked modules, udev (without it virtme-ng's init
