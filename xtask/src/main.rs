@@ -43,7 +43,7 @@ enum Cmd {
     /// Setup, lint (rustfmt, clippy), build, then every test: unit tests and the root-only
     /// kernel integration tests, which load the real programs into this kernel; then the
     /// kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels booted in VMs (QEMU, virtme-ng),
-    /// each running the kernel-event, reclaim end-to-end and thread-group tests.
+    /// each running the kernel-event, reclaim end-to-end, thread-group and heartbeat tests.
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
