@@ -836,8 +836,6 @@ pub fn reclaimctl_json(gpu: &FakeGpu, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
-/// Waits until the daemon of `gpu`'s config lists every one of `pids` as a holder bound to a
-/// service (and so has remembered its lineage in the ledger).
 /// What `reclaimctl holders` says of `pid`, if it lists it.
 pub fn holder_listed(gpu: &FakeGpu, pid: u32) -> Option<serde_json::Value> {
     let listed = reclaimctl_json(gpu, &["holders"]);
@@ -848,6 +846,8 @@ pub fn holder_listed(gpu: &FakeGpu, pid: u32) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// Waits until the daemon of `gpu`'s config lists every one of `pids` as a holder bound to a
+/// service (and so has remembered its lineage in the ledger).
 pub fn wait_until_bound(gpu: &FakeGpu, pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
