@@ -159,6 +159,9 @@ pub struct Policy {
     pub sweep: Duration,
     /// Decisions waiting for the executor; beyond this they are counted and dropped.
     pub queue: usize,
+    /// Reclaims carried out at once (independent holders; a parent still waits for its
+    /// children).
+    pub parallel: usize,
     /// What is done with suspects (holders outside every service whose original parent died
     /// and who were reparented): reported, or (opted into) reclaimed like orphans.
     pub suspects: Mode,
@@ -239,6 +242,10 @@ pub struct Config {
     pub services: Vec<Service>,
 }
 
+/// Each reclaim in progress holds a thread (and an NVML handle) while it waits for its
+/// holder to exit: more than this many is a mistake, not a speed-up.
+pub const MAX_PARALLEL: usize = 256;
+
 pub const DEFAULT_CONTAINERS_DIR: &str = "/var/log/containers";
 
 impl Default for Config {
@@ -255,6 +262,7 @@ impl Default for Config {
                 suspects: Mode::Report,
                 sweep: Duration::from_secs(5),
                 queue: 1024,
+                parallel: 16,
             },
             gpu: GpuConfig {
                 nvml_library: None,
@@ -417,6 +425,7 @@ mod raw {
         pub max_reclaims_per_minute: Option<u32>,
         pub sweep: Option<String>,
         pub queue: Option<usize>,
+        pub parallel: Option<usize>,
         pub suspects: Option<Mode>,
     }
 
@@ -596,6 +605,13 @@ mod raw {
             if queue == 0 {
                 return Err(invalid("policy.queue", "must be at least 1".to_owned()));
             }
+            let parallel = self.parallel.unwrap_or(d.parallel);
+            if !(1..=super::MAX_PARALLEL).contains(&parallel) {
+                return Err(invalid(
+                    "policy.parallel",
+                    format!("must be from 1 to {}", super::MAX_PARALLEL),
+                ));
+            }
             check_protect(&self.protect, invalid)?;
             Ok(super::Policy {
                 mode: self.mode.unwrap_or(d.mode),
@@ -607,6 +623,7 @@ mod raw {
                 max_reclaims_per_minute: max,
                 sweep,
                 queue,
+                parallel,
                 suspects: self.suspects.unwrap_or(d.suspects),
             })
         }
@@ -1141,6 +1158,8 @@ hook = "/usr/local/bin/drain"
             ),
             ("[policy]\nhard = 1.5\n", "policy.hard"),
             ("[policy]\nsweep = \"1ms\"\n", "policy.sweep"),
+            ("[policy]\nparallel = 0\n", "policy.parallel"),
+            ("[policy]\nparallel = 100000\n", "policy.parallel"),
             ("[policy]\nprotect = [\"\"]\n", "policy.protect"),
             ("[gpu]\ndevice_glob = \"/dev/[\"\n", "gpu.device_glob"),
             ("[probe]\nring_bytes = 5000\n", "probe.ring_bytes"),

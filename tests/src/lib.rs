@@ -374,6 +374,13 @@ impl Workload {
             .to_owned()
     }
 
+    /// The next output line, whatever it says.
+    pub fn any_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("workload said nothing: {e:?}"))
+    }
+
     /// Writes `line` to the workload's stdin.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
@@ -771,6 +778,61 @@ pub fn spawn_server(workload: &str, name: &str, device: &str, extra: &[&str]) ->
     let server = Workload::spawn(workload, &args);
     let worker = server.line("worker").parse().expect("worker pid");
     (server, worker)
+}
+
+/// A `workload burst-server llm-server DEVICE N EXTRA...`: one service process (the `llm`
+/// service's), N workers holding the device, every second one with a leaf of its own
+/// holding it too; the fake NVML lists them all with 16 MiB each.
+pub struct Burst {
+    pub server: Workload,
+    pub workers: Vec<u32>,
+    /// (leaf, its worker)
+    pub leaves: Vec<(u32, u32)>,
+}
+
+impl Burst {
+    pub fn start(gpu: &FakeGpu, device: &str, workload: &str, n: usize, extra: &[&str]) -> Self {
+        let dev = gpu.device_file(0);
+        let n = n.to_string();
+        let mut args = vec![
+            "burst-server",
+            "llm-server",
+            dev.to_str().expect("utf-8 path"),
+            &n,
+        ];
+        args.extend_from_slice(extra);
+        let server = Workload::spawn(workload, &args);
+        let (mut workers, mut leaves) = (Vec::new(), Vec::new());
+        loop {
+            let line = server.any_line();
+            let words: Vec<&str> = line.split(' ').collect();
+            let pid = |i: usize| -> u32 { words[i].parse().expect("pid") };
+            match words[0] {
+                "worker" => workers.push(pid(1)),
+                "leaf" => leaves.push((pid(1), pid(2))),
+                "ready" => break,
+                _ => panic!("burst-server said {line:?}"),
+            }
+        }
+        let listed: String = workers
+            .iter()
+            .chain(leaves.iter().map(|(l, _)| l))
+            .map(|p| format!("proc 0 {p} 16 compute\n"))
+            .collect();
+        gpu.set_state(&format!("{device}\n{listed}"));
+        Self {
+            server,
+            workers,
+            leaves,
+        }
+    }
+
+    /// Every holder: workers and leaves.
+    pub fn holders(&self) -> Vec<u32> {
+        let mut all = self.workers.clone();
+        all.extend(self.leaves.iter().map(|(l, _)| *l));
+        all
+    }
 }
 
 /// A `workload conn-server NAME ADDR DEVICE`: a service listening on ADDR that starts one

@@ -552,3 +552,55 @@ fn suspects_enforced_are_reclaimed() {
     let _ = s.server.finish();
     d.stop();
 }
+
+/// A server with 60 GPU holders dies: 40 workers, 20 of them with a leaf of their own that
+/// ignores SIGTERM (so it takes the term grace to die). The pool reclaims them all, in
+/// parallel, and no worker is signalled before its leaf is gone:
+/// each worker with a leaf says on SIGTERM whether it had already reaped it, and the
+/// ledger's times say the same (invariant 8).
+#[test]
+fn a_burst_of_orphans_is_reclaimed_in_parallel_leaves_first() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = enforce(&gpu)
+        .policy("max_reclaims_per_minute", 1000)
+        .policy("term_grace", "1s")
+        // More than the leaves: workers could start beside them, and must not if theirs.
+        .policy("parallel", 32)
+        .start();
+    let burst = reclaimd_tests::Burst::start(&gpu, DEVICE, &workload(), 40, &["slow-leaves"]);
+    let holders = burst.holders();
+    assert_eq!((burst.workers.len(), burst.leaves.len()), (40, 20));
+    wait_until_bound(&gpu, &holders);
+    kill(burst.server.pid());
+    let records: std::collections::HashMap<u32, reclaimd::ledger::Record> = holders
+        .iter()
+        .map(|&p| (p, wait_for_record(&d.ledger, p, Duration::from_secs(60))))
+        .collect();
+    for (pid, r) in &records {
+        assert_eq!(r.outcome, Outcome::Reclaimed, "pid {pid}: {r:#?}");
+        assert!(!alive(*pid), "pid {pid} reclaimed but alive");
+    }
+    for (leaf, worker) in &burst.leaves {
+        let leaf_done = records[leaf].resolution.as_ref().expect("resolved").time_ms;
+        let worker_decided = records[worker].decision.time_ms;
+        assert!(
+            leaf_done <= worker_decided,
+            "worker {worker} decided at {worker_decided} before its leaf {leaf} was done at {leaf_done}"
+        );
+    }
+    // Every worker with a leaf said, on its SIGTERM, that the leaf was gone already.
+    let mut said = Vec::new();
+    while said.len() < burst.leaves.len() {
+        said.push(burst.server.any_line());
+    }
+    let mut expected: Vec<String> = burst
+        .leaves
+        .iter()
+        .map(|(_, w)| format!("term {w} leaf-gone"))
+        .collect();
+    said.sort();
+    expected.sort();
+    assert_eq!(said, expected);
+    d.stop();
+    let _ = burst.server.finish();
+}

@@ -93,6 +93,9 @@ enum Cmd {
         /// Measure reclaimd only, no peer tools.
         #[arg(long)]
         skip_peers: bool,
+        /// Only these sections, comma-separated: core, burst, exits, serve, churn, drops.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Build (release), then soak as root: churn of process and connection sessions with
     /// reclaims (enforce, grace 0) beside holders that must never be touched; samples the
@@ -192,6 +195,7 @@ fn main() -> Result<()> {
             cycles,
             quick,
             skip_peers,
+            only,
         } => {
             setup(&root)?;
             bench_packages()?;
@@ -213,6 +217,9 @@ fn main() -> Result<()> {
             }
             if skip_peers {
                 c.arg("--skip-peers");
+            }
+            if !only.is_empty() {
+                c.args(["--only", &only.join(",")]);
             }
             run_cmd(
                 c.args(["--out".as_ref(), root.join("target/bench").as_os_str()])

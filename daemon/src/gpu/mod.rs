@@ -81,14 +81,62 @@ impl GpuInventory {
         inv.nvml_duration = nvml_duration;
         inv
     }
+
+    /// What NVML alone says (devices, and the memory of the processes it lists), without
+    /// the /proc walk: enough to see a holder's memory come back, at a cost that does not
+    /// grow with the host's processes. Holders carry no fds or status.
+    pub fn memory_view(&mut self) -> Inventory {
+        let t0 = std::time::Instant::now();
+        let report = self.nvml.query();
+        let nvml_duration = t0.elapsed();
+        let mut inv = join_nvml(report);
+        inv.nvml_duration = nvml_duration;
+        inv
+    }
 }
 
-/// Joins NVML's view with procfs's into holders, and computes per-device attribution.
-pub fn join(
-    report: Result<Report, String>,
-    fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
-    files: &DeviceFiles,
-) -> Inventory {
+/// NVML's memory views shared by the reclaims in progress: one query at a time, and a view
+/// taken after the moment a caller names is good for every caller that names an earlier
+/// one. Parallel verifications then cost about one NVML pass per poll, not one each (NVML
+/// calls are slow on real drivers, and serialised inside them anyway).
+pub struct SharedViews {
+    inner: std::sync::Mutex<ViewState>,
+}
+
+struct ViewState {
+    gpu: GpuInventory,
+    last: Option<(std::time::Instant, std::sync::Arc<Inventory>)>,
+}
+
+impl SharedViews {
+    pub fn new(gpu: GpuInventory) -> Self {
+        Self {
+            inner: std::sync::Mutex::new(ViewState { gpu, last: None }),
+        }
+    }
+
+    /// A memory view (see [`GpuInventory::memory_view`]) whose NVML pass began at or after
+    /// `since`.
+    pub fn since(&self, since: std::time::Instant) -> std::sync::Arc<Inventory> {
+        // A poisoned lock: a query panicked; the state is a cache, still sound to use.
+        let mut st = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, inv)) = &st.last
+            && *at >= since
+        {
+            return inv.clone();
+        }
+        let at = std::time::Instant::now();
+        let inv = std::sync::Arc::new(st.gpu.memory_view());
+        st.last = Some((at, inv.clone()));
+        inv
+    }
+}
+
+/// NVML's report as an inventory of devices and listed processes only.
+fn join_nvml(report: Result<Report, String>) -> Inventory {
     let (nvml, devices, warnings) = match report {
         Ok(r) => (
             NvmlStatus::Available {
@@ -102,7 +150,6 @@ pub fn join(
     let mut holders: BTreeMap<u32, Holder> = BTreeMap::new();
     let mut devices = attribute(devices, &mut holders);
     attribute_mig_parents(&mut devices);
-    add_procfs(&mut holders, fds, files);
     Inventory {
         nvml,
         devices,
@@ -110,6 +157,17 @@ pub fn join(
         warnings,
         nvml_duration: std::time::Duration::ZERO,
     }
+}
+
+/// Joins NVML's view with procfs's into holders, and computes per-device attribution.
+pub fn join(
+    report: Result<Report, String>,
+    fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
+    files: &DeviceFiles,
+) -> Inventory {
+    let mut inv = join_nvml(report);
+    add_procfs(&mut inv.holders, fds, files);
+    inv
 }
 
 /// Each device's attributed memory (what NVML lists per process) and the rest; each listed

@@ -3,7 +3,7 @@
 use std::{
     os::fd::OwnedFd,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,7 @@ pub use crate::engine::{Done, Manual};
 use crate::{
     clock::{self, Now},
     config::Config,
-    gpu::{GpuInventory, Inventory, LiveProc, NvmlStatus},
+    gpu::{DeviceFiles, GpuInventory, Inventory, LiveProc, NvmlStatus, SharedViews},
     ledger::{Action, Decision, Outcome, Resolution},
     ledger_writer::LedgerWriter,
     model::ProcId,
@@ -47,13 +47,20 @@ pub struct Job {
     pub parent: Option<opentelemetry::Context>,
 }
 
+/// How often verification first re-reads NVML after the holder exited, and at most: the
+/// interval doubles, so a burst of parallel verifications does not hammer the driver.
+const VERIFY_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(160));
+
+/// One reclaim at a time; a pool runs several (`super::pool`), sharing one breaker and one
+/// NVML handle.
 pub struct Executor {
     cfg: Arc<Config>,
     ledger: LedgerWriter,
-    gpu: GpuInventory,
-    breaker: Breaker,
+    files: DeviceFiles,
+    views: Arc<SharedViews>,
+    breaker: Arc<Mutex<Breaker>>,
     /// The breaker's state, for the API (the executor runs on a thread of its own).
-    tripped: Arc<std::sync::atomic::AtomicBool>,
+    tripped: Arc<AtomicBool>,
     never: Untouchable,
     /// The span of the job in hand (a no-op when tracing is off).
     span: Option<opentelemetry::global::BoxedSpan>,
@@ -172,8 +179,9 @@ impl Executor {
         Self {
             cfg,
             ledger,
-            gpu,
-            breaker,
+            files: gpu.device_files().clone(),
+            views: Arc::new(SharedViews::new(gpu)),
+            breaker: Arc::new(Mutex::new(breaker)),
             tripped: Arc::default(),
             never,
             span: None,
@@ -181,12 +189,32 @@ impl Executor {
         }
     }
 
-    pub fn breaker_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+    /// Another executor for the same pool: the same breaker, NVML handle, ledger and
+    /// untouchables.
+    pub fn sibling(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            ledger: self.ledger.clone(),
+            files: self.files.clone(),
+            views: self.views.clone(),
+            breaker: self.breaker.clone(),
+            tripped: self.tripped.clone(),
+            never: self.never.clone(),
+            span: None,
+            write_error: None,
+        }
+    }
+
+    pub fn breaker_flag(&self) -> Arc<AtomicBool> {
         self.tripped.clone()
     }
 
-    pub fn breaker_tripped(&self) -> bool {
-        self.breaker.is_tripped()
+    /// The shared breaker; a panic elsewhere while it was held does not unlock action: the
+    /// breaker's own state is still consistent (each method is one short update).
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn record(&mut self, d: &Decision) -> Option<i64> {
@@ -310,7 +338,7 @@ impl Executor {
         // Invariant 3: nothing happens that the ledger does not hold first.
         let Some(ledger_id) = self.record(&decision(a, &job.cgroup, Action::Reclaim, reason))
         else {
-            self.breaker.refund();
+            self.breaker().refund();
             done.outcome = Outcome::Failed;
             return done;
         };
@@ -359,11 +387,12 @@ impl Executor {
                 m.uid, m.reason
             ));
         }
-        let allowed = self.breaker.allow(Instant::now());
-        self.tripped.store(
-            self.breaker.is_tripped(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let (allowed, tripped) = {
+            let mut b = self.breaker();
+            (b.allow(Instant::now()), b.is_tripped())
+        };
+        self.tripped
+            .store(tripped, std::sync::atomic::Ordering::Relaxed);
         if !allowed {
             return Err("breaker tripped".to_owned());
         }
@@ -385,6 +414,7 @@ impl Executor {
     /// The hook, the pin, the signals, the verification; each step says what it saw in
     /// `detail`.
     fn act(&mut self, job: &Job) -> Resolution {
+        let started = Instant::now();
         let a = &job.assessment;
         let mut detail: Vec<String> = Vec::new();
         if let Some(said) = self.run_hook(a) {
@@ -402,17 +432,17 @@ impl Executor {
             }
         };
         // Invariant 7: only while it holds a device file.
-        if self.gpu.device_files().of_pid(a.id.pid).is_empty() {
+        if self.files.of_pid(a.id.pid).is_empty() {
             detail.push("holds no GPU device file any more".to_owned());
             return resolution(Outcome::Released, &detail);
         }
-        let before_inv = self.gpu.snapshot();
+        let before_inv = self.views.since(started);
         let uuids = devices_of(a, &before_inv);
         let before = used_of(&before_inv, &uuids, a.id.pid);
         if let Err(outcome) = self.terminate(&fd, &mut detail) {
             return resolution(outcome, &detail);
         }
-        self.verify(a, &uuids, before, detail)
+        self.verify(a, &uuids, before, Instant::now(), detail)
     }
 
     /// The service's hook, if it has one: what it said.
@@ -477,16 +507,19 @@ impl Executor {
     }
 
     /// Verification: NVML stops listing it and the device memory drops.
+    /// NVML views are those begun after `exited`, the moment the holder was seen gone.
     fn verify(
         &mut self,
         a: &Assessment,
         uuids: &[String],
         before: Option<u64>,
+        exited: Instant,
         mut detail: Vec<String>,
     ) -> Resolution {
         let deadline = Instant::now() + VERIFY_WAIT;
+        let mut pause = VERIFY_POLL.0;
         let (still_listed, after) = loop {
-            let inv = self.gpu.snapshot();
+            let inv = self.views.since(exited);
             let listed = inv
                 .holders
                 .get(&a.id.pid)
@@ -499,7 +532,8 @@ impl Executor {
             if (!listed && dropped) || Instant::now() >= deadline {
                 break (listed, after);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(VERIFY_POLL.1);
         };
         let mut r = resolution(Outcome::Reclaimed, &detail);
         r.time_to_reclaim_ms = a

@@ -4,6 +4,7 @@ pub mod breaker;
 pub mod executor;
 pub mod hook;
 pub mod policy;
+pub mod pool;
 
 pub use self::{
     executor::{Done, Executor, Job, Manual},

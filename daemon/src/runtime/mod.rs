@@ -119,7 +119,7 @@ struct Inputs {
 struct Beside {
     api_tasks: Vec<JoinHandle<()>>,
     api_stop: tokio::sync::watch::Sender<bool>,
-    executor: std::thread::JoinHandle<()>,
+    executor: JoinHandle<()>,
     ledger: std::thread::JoinHandle<()>,
     metrics_task: Option<JoinHandle<()>>,
     traces: Option<crate::telemetry::traces::Traces>,
@@ -141,12 +141,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // The API's socket is bound before anything else can fail late: a daemon that cannot
     // answer its operators does not start.
     let bound = bind_api(&cfg).await?;
-    let exec = new_executor(&cfg, &ledger, &gpu_opts)?;
-    let breaker = exec.breaker_flag();
+    let crew = new_executors(&cfg, &ledger, &gpu_opts)?;
+    let breaker = crew[0].breaker_flag();
     let (metrics, traces, metrics_task) = start_telemetry(&cfg).await?;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.policy.queue);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
-    let executor = spawn_executor(exec, job_rx, done_tx)?;
+    let executor = tokio::spawn(crate::reclaim::pool::run(crew, job_rx, done_tx));
     let (events, _) = broadcast::channel(cfg.api.watch_buffer);
     let (api_tx, api_rx) = mpsc::channel::<CoreRequest>(64);
     let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
@@ -237,13 +237,14 @@ fn log_running(cfg: &Config) {
         api = %cfg.api.socket.display(), "reclaimd running");
 }
 
-/// The executor, with its own NVML handle, never to touch reclaimd or its ancestors.
-fn new_executor(
+/// The executors of the reclaim pool (`[policy] parallel`, at least one), sharing one NVML
+/// handle and one breaker, never to touch reclaimd or its ancestors.
+fn new_executors(
     cfg: &Arc<Config>,
     ledger: &LedgerWriter,
     gpu_opts: &GpuOptions,
-) -> Result<Executor, DaemonError> {
-    Ok(Executor::new(
+) -> Result<Vec<Executor>, DaemonError> {
+    let first = Executor::new(
         cfg.clone(),
         ledger.clone(),
         GpuInventory::new(gpu_opts)?,
@@ -252,7 +253,13 @@ fn new_executor(
                 .into_iter()
                 .collect(),
         },
-    ))
+    );
+    let mut crew = Vec::with_capacity(cfg.policy.parallel);
+    for _ in 1..cfg.policy.parallel {
+        crew.push(first.sibling());
+    }
+    crew.push(first);
+    Ok(crew)
 }
 
 /// Opens the ledger, marks the actions a previous run left without an outcome, and reads
@@ -314,23 +321,6 @@ async fn serve_metrics(
     Ok(Some(tokio::spawn(
         crate::telemetry::prometheus_endpoint::serve(listener, metrics.clone()),
     )))
-}
-
-fn spawn_executor(
-    mut exec: Executor,
-    mut jobs: mpsc::Receiver<Job>,
-    done: mpsc::UnboundedSender<Done>,
-) -> Result<std::thread::JoinHandle<()>, DaemonError> {
-    std::thread::Builder::new()
-        .name("reclaim-executor".into())
-        .spawn(move || {
-            while let Some(job) = jobs.blocking_recv() {
-                if done.send(exec.handle(job)).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(DaemonError::Signal)
 }
 
 /// The API's listeners, bound, and the admin group, checked.
@@ -525,8 +515,7 @@ impl Runtime {
             ..
         } = self.hands;
         drop(jobs);
-        let executor = beside.executor;
-        let _ = tokio::task::spawn_blocking(move || executor.join()).await;
+        let _ = beside.executor.await;
         drop(inputs);
         if let Some(t) = beside.metrics_task {
             t.abort();

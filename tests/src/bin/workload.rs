@@ -162,6 +162,87 @@ mod demo {
     }
 }
 
+/// What a burst worker says on SIGTERM, made before the handler is installed: the handler
+/// may only make async-signal-safe calls (waitpid, write, _exit).
+static TERM_LINES: std::sync::OnceLock<(i32, Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+
+extern "C" fn burst_on_term(_: libc::c_int) {
+    if let Some((leaf, gone, alive)) = TERM_LINES.get() {
+        let mut status = 0;
+        // SAFETY: waitpid, write and _exit are async-signal-safe; the buffers live for ever.
+        unsafe {
+            let reaped = libc::waitpid(*leaf, &mut status, libc::WNOHANG) == *leaf;
+            let line = if reaped { gone } else { alive };
+            libc::write(1, line.as_ptr().cast(), line.len());
+            libc::_exit(0);
+        }
+    }
+}
+
+/// Forks one burst worker (and its leaf, with `with_leaf`, ignoring SIGTERM if `slow`);
+/// returns once they hold `device`.
+fn burst_worker(device: &str, with_leaf: bool, slow: bool) {
+    let (ready_r, ready_w) = std::io::pipe().expect("pipe");
+    // SAFETY: the parent is single-threaded; each child only opens files, forks and waits.
+    match unsafe { libc::fork() } {
+        0 => {
+            drop(ready_r);
+            set_comm("gpu-worker");
+            let _file =
+                std::fs::File::open(device).unwrap_or_else(|e| panic!("open {device}: {e}"));
+            let me = std::process::id();
+            if with_leaf {
+                // SAFETY: as above.
+                let leaf = match unsafe { libc::fork() } {
+                    0 => {
+                        set_comm("gpu-leaf");
+                        if slow {
+                            // SIGKILL after the term grace: a worker signalled before its
+                            // leaf was done would find it still there.
+                            // SAFETY: ignoring a signal is always sound.
+                            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                        }
+                        let _leaf_file = std::fs::File::open(device)
+                            .unwrap_or_else(|e| panic!("open {device}: {e}"));
+                        say(&format!("leaf {} {me}", std::process::id()));
+                        drop(ready_w);
+                        wait_for_stdin();
+                        // SAFETY: end the child without the parent's exit handlers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    leaf if leaf > 0 => leaf,
+                    _ => panic!("fork: {}", std::io::Error::last_os_error()),
+                };
+                let lines = (
+                    leaf,
+                    format!("term {me} leaf-gone\n").into_bytes(),
+                    format!("term {me} leaf-alive\n").into_bytes(),
+                );
+                let _ = TERM_LINES.set(lines);
+                // SAFETY: the handler only makes async-signal-safe calls.
+                unsafe {
+                    libc::signal(
+                        libc::SIGTERM,
+                        burst_on_term as *const () as libc::sighandler_t,
+                    )
+                };
+            }
+            say(&format!("worker {me}"));
+            drop(ready_w);
+            wait_for_stdin();
+            // SAFETY: end the child without the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        child if child > 0 => {
+            drop(ready_w);
+            // EOF once the worker and its leaf have both said they hold the device.
+            let mut r = ready_r;
+            let _ = r.read_to_end(&mut Vec::new());
+        }
+        _ => panic!("fork: {}", std::io::Error::last_os_error()),
+    }
+}
+
 fn arg(args: &[String], i: usize, what: &str) -> String {
     args.get(i)
         .cloned()
@@ -353,6 +434,25 @@ fn main() {
                 set_comm(title);
                 say("renamed");
             }
+            wait_for_stdin();
+        }
+        // burst-server NAME DEVICE N: a service process named NAME that forks N workers
+        // (comm "gpu-worker") holding DEVICE; every second one forks a leaf of its own (comm
+        // "gpu-leaf") holding DEVICE too. Prints "worker <pid>" and "leaf <pid> <worker>"
+        // as each holds it, then "ready". A worker with a leaf, on SIGTERM, prints
+        // "term <pid> leaf-gone" if its leaf had already exited (else "leaf-alive") and
+        // exits: what a reclaim that goes leaves first must make it say. All stay until
+        // stdin closes.
+        "burst-server" => {
+            let name = arg(&args, 2, "name");
+            let device = arg(&args, 3, "device");
+            let n: usize = arg(&args, 4, "count").parse().expect("count");
+            let slow = args.iter().any(|a| a == "slow-leaves");
+            set_comm(&name);
+            for i in 0..n {
+                burst_worker(&device, i % 2 == 1, slow);
+            }
+            say("ready");
             wait_for_stdin();
         }
         // leader-exit-server NAME DEVICE [worker-too]: a service process named NAME that forks

@@ -8,11 +8,13 @@
 //! Flags: --runs N (reclaimd time-to-reclaim runs, 300), --peer-runs N (reaper runs, 30),
 //! --sessions N (live sessions for the memory table, 10000), --cycles N (connection
 //! sessions churned for the memory-after-churn row, 1000000), --quick (a short smoke
-//! version), --skip-peers (reclaimd only), --out DIR.
+//! version), --skip-peers (reclaimd only), --only SECTION[,SECTION] (core, burst, exits,
+//! serve, churn, drops), --out DIR.
 use std::path::{Path, PathBuf};
 
 use reclaimd_tests::alive;
 
+mod burst;
 mod churn;
 mod core;
 mod exits;
@@ -28,6 +30,31 @@ pub struct Opts {
     pub quick: bool,
     pub skip_peers: bool,
 }
+
+/// A measurement: its `--only` name, what it is, and the function that runs it and returns
+/// how many of its runs failed.
+type Section = fn(&Opts, &mut report::Report) -> usize;
+
+const SECTIONS: &[(&str, &str, Section)] = &[
+    ("core", "time to reclaim, memory, live sessions", core::run),
+    ("burst", "burst of orphans", burst::run),
+    ("exits", "exit detection", |o, r| {
+        exits::run(o, r);
+        0
+    }),
+    ("serve", "served workload", |o, r| {
+        serve::run(o, r);
+        0
+    }),
+    ("churn", "connection churn", |o, r| {
+        churn::run(o, r);
+        0
+    }),
+    ("drops", "event drops", |o, r| {
+        exits::drops(o, r);
+        0
+    }),
+];
 
 pub fn workload() -> String {
     reclaimd_tests::workload_beside_exe()
@@ -89,15 +116,20 @@ fn main() {
          on it (a compiler, say) shows up as noise, mostly in the tails.\n",
     );
 
-    let failures = core::run(&opts, &mut rep);
-    step("exit detection");
-    exits::run(&opts, &mut rep);
-    step("served workload");
-    serve::run(&opts, &mut rep);
-    step("connection churn");
-    churn::run(&opts, &mut rep);
-    step("event drops");
-    exits::drops(&opts, &mut rep);
+    // --only SECTION[,SECTION]: a developer's shortcut to one measurement.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let mut failures = 0;
+    for (name, what, section) in SECTIONS {
+        if wanted(name) {
+            step(what);
+            failures += section(&opts, &mut rep);
+        }
+    }
 
     print!("{}", rep.md);
     write_out(&out_dir, &rep);
