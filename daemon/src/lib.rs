@@ -22,5 +22,6 @@ pub mod reconcile;
 pub mod record;
 pub mod runtime;
 pub mod scan;
+pub mod sockdiag;
 pub mod telemetry;
 pub mod trace;

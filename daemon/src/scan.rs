@@ -96,17 +96,23 @@ pub fn tcp_sockets(proc_root: &Path) -> HashMap<u64, TcpSocket> {
     out
 }
 
-/// Every TCP socket of the daemon's network namespace and of each namespace one of `pids`
-/// lives in (a pod has its own, and its sockets are only in its own table), by inode; each
-/// namespace is read once.
+/// The TCP sockets on `ports` (local), open or closing (not listening, not in TIME_WAIT), of
+/// the daemon's network namespace and of each namespace one of `pids` lives in (a pod has
+/// its own, and its sockets are only in its own table), by inode; each namespace is asked
+/// once. Through sock_diag, whose cost follows these sockets alone; where the kernel has no
+/// sock_diag, from `/proc/net/tcp{,6}`, filtered the same way.
 pub fn tcp_sockets_seen_by(
     proc_root: &Path,
     pids: impl IntoIterator<Item = u32>,
+    ports: &[u16],
 ) -> HashMap<u64, TcpSocket> {
+    if ports.is_empty() {
+        return HashMap::new();
+    }
     let netns = |dir: &Path| std::fs::read_link(dir.join("ns/net")).ok();
-    let mut out = tcp_sockets(proc_root);
-    let mut seen: std::collections::HashSet<PathBuf> =
-        netns(&proc_root.join("self")).into_iter().collect();
+    let own = proc_root.join("self");
+    let mut out = sockets_of_namespace(&own, ports, crate::sockdiag::tcp_sockets_on(ports));
+    let mut seen: std::collections::HashSet<PathBuf> = netns(&own).into_iter().collect();
     for pid in pids {
         // A leader that exited before its threads has no namespaces left: read a thread's.
         let Some(LiveProc { dir, .. }) = LiveProc::find(proc_root, pid) else {
@@ -115,10 +121,36 @@ pub fn tcp_sockets_seen_by(
         if let Some(ns) = netns(&dir)
             && seen.insert(ns)
         {
-            out.extend(tcp_sockets(&dir));
+            let asked = crate::sockdiag::tcp_sockets_in(&dir.join("ns/net"), ports);
+            out.extend(sockets_of_namespace(&dir, ports, asked));
         }
     }
     out
+}
+
+/// What sock_diag answered for the namespace of the /proc directory `dir`, or (it failed)
+/// the same sockets read from that directory's `net/tcp{,6}`.
+fn sockets_of_namespace(
+    dir: &Path,
+    ports: &[u16],
+    asked: Result<HashMap<u64, TcpSocket>, crate::sockdiag::SockDiagError>,
+) -> HashMap<u64, TcpSocket> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match asked {
+        Ok(found) => found,
+        Err(error) => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(%error, "sock_diag unavailable: the sweep reads /proc/net/tcp \
+                    instead (its cost then grows with every socket of the host)");
+            }
+            let mut all = tcp_sockets(dir);
+            all.retain(|_, s| {
+                ports.contains(&s.key.local.port())
+                    && !matches!(s.state, TcpState::Listen | TcpState::TimeWait)
+            });
+            all
+        }
+    }
 }
 
 /// `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
@@ -252,12 +284,14 @@ mod tests {
         let inside = connections_of(
             proc_root,
             child.id(),
-            &tcp_sockets_seen_by(proc_root, [child.id()]),
+            &tcp_sockets_seen_by(proc_root, [child.id()], &[port]),
         );
         let only_ours = connections_of(proc_root, child.id(), &tcp_sockets(proc_root));
         drop(child.stdin.take());
         let _ = child.wait();
-        assert!(inside.iter().any(|k| k.remote.port() == port), "{inside:?}");
+        // Only the accepted side: its local port is the one asked for.
+        assert_eq!(inside.len(), 1, "{inside:?}");
+        assert_eq!(inside[0].local.port(), port, "{inside:?}");
         assert!(only_ours.is_empty(), "{only_ours:?}");
     }
 

@@ -227,7 +227,11 @@ fn in_fallback_a_closed_connection_is_found_by_the_socket_sweep() {
     std::thread::sleep(Duration::from_millis(700));
     assert!(alive(w_stay), "the worker of a live connection is kept");
     drop(stay);
-    d.stop();
+    let log = d.stop();
+    assert!(
+        !log.iter().any(|l| l.contains("sock_diag unavailable")),
+        "the sweep asked sock_diag: {log:#?}"
+    );
     kill(w_stay);
     kill(server.pid());
     let _ = server.finish();

@@ -354,7 +354,13 @@ fn connection_scope_reclaims_the_worker_of_a_closed_connection_only() {
             .all(|r| r.decision.pid != w_stay)
     );
     drop(stay);
-    d.stop();
+    let log = d.stop();
+    // The connections were looked up through sock_diag (loaded on demand where it is a
+    // module), not the /proc/net/tcp fallback.
+    assert!(
+        !log.iter().any(|l| l.contains("sock_diag unavailable")),
+        "{log:#?}"
+    );
     // The workers share the server's stdout: end them first, or finish() waits for EOF.
     kill(w_stay);
     kill(server.pid());

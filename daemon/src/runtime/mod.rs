@@ -460,8 +460,9 @@ impl Runtime {
         let Some(g) = self.gpu.take() else { return };
         let root = self.hands.proc_root.clone();
         let full = std::mem::take(&mut sched.full);
+        let ports = self.cfg.watched_ports();
         sched.running = Some(tokio::task::spawn_blocking(move || {
-            snapshot::take(g, full, root)
+            snapshot::take(g, full, root, &ports)
         }));
     }
 

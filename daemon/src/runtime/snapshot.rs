@@ -19,7 +19,8 @@ pub struct Taken {
     pub took: Duration,
 }
 
-pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
+/// `ports`: the services' ports, whose sockets are the only ones looked up.
+pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf, ports: &[u16]) -> Taken {
     let started = clock::monotonic_ns();
     let procs = full.then(|| scan::all_facts(&proc_root));
     let t0 = std::time::Instant::now();
@@ -35,10 +36,10 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf) -> Taken {
         .iter()
         .map(|pid| (*pid, scan::socket_fds(&proc_root, *pid)))
         .collect();
-    // The socket tables cost the kernel a walk of every socket (TIME_WAIT included: tens of
-    // thousands under churn): read them only for a full scan or a holder with sockets.
+    // Even filtered, asking costs a netlink round trip per namespace: only for a full scan
+    // or a holder with sockets.
     let table = if full || sockets.iter().any(|(_, s)| !s.is_empty()) {
-        scan::tcp_sockets_seen_by(&proc_root, live.iter().copied())
+        scan::tcp_sockets_seen_by(&proc_root, live.iter().copied(), ports)
     } else {
         HashMap::new()
     };
