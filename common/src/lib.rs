@@ -15,8 +15,13 @@ pub mod names {
     pub const WATCHED_PORTS: &str = "WATCHED_PORTS";
     pub const SOCKS: &str = "SOCKS";
     pub const EXITED: &str = "EXITED";
+    /// Sockets bound to GPU holders (by `struct sock` address): their deaths wake user
+    /// space at once. Filled by user space after each snapshot.
+    pub const BOUND: &str = "BOUND";
     /// A global (`.rodata`), not a map.
     pub const OFFSETS: &str = "OFFSETS";
+    /// A global (`.rodata`), not a map.
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 /// What an [`Event`] reports; the discriminant travels as `Event::kind`.
@@ -394,8 +399,39 @@ impl KernelOffsets {
     }
 }
 
+/// How much the programs report (`ProbeSettings::report`).
+pub mod report {
+    /// What a connection's life needs: its birth (ESTABLISHED), its owner, its death (the
+    /// first move out of an open state); later closing moves stay in the kernel. Only
+    /// exits and the deaths of connections in `BOUND` wake user space; the rest is read in
+    /// batches (or when the ring fills up). The daemon's mode, and the default.
+    pub const LIFECYCLE: u32 = 0;
+    /// Every state change of a watched socket, each waking its reader (`reclaimd trace`).
+    pub const EVERY_CHANGE: u32 = 1;
+}
+
+/// What user space tells the programs before they load (the read-only global `SETTINGS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// A [`report`] value.
+    pub report: u32,
+    pub _pad: u32,
+}
+
+impl ProbeSettings {
+    pub const fn zeroed() -> Self {
+        Self {
+            report: report::LIFECYCLE,
+            _pad: 0,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: plain repr(C) struct of integers with no implicit padding.
+    unsafe impl aya::Pod for super::ProbeSettings {}
     // SAFETY: plain repr(C) structs of integers and byte arrays with no implicit padding.
     unsafe impl aya::Pod for super::SockInfo {}
     unsafe impl aya::Pod for super::KernelOffsets {}

@@ -91,6 +91,13 @@ enum Command {
         /// the others are for checking a filter on a kernel that has both.
         #[arg(long, value_enum, default_value_t = ExitFilter::Auto)]
         exit_filter: ExitFilter,
+
+        /// Only what the daemon reads: a connection's birth (ESTABLISHED), its owner, and
+        /// its death (the first move out of an open state), the closing moves after it
+        /// filtered in the kernel; events that need no action at once arrive in batches
+        /// (at most 50 ms late).
+        #[arg(long)]
+        lifecycle: bool,
     },
 
     /// Print one GPU inventory: devices, and every process that holds GPU memory (NVML) or
@@ -180,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ring_bytes,
             btf,
             exit_filter,
+            lifecycle,
         } => {
             let opts = TraceOptions {
                 probe: ProbeOptions {
@@ -187,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ring_bytes,
                     btf_path: btf,
                     exit_filter,
+                    every_change: !lifecycle,
                 },
                 json,
             };

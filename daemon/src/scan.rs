@@ -140,8 +140,8 @@ fn sockets_of_namespace(
         Ok(found) => found,
         Err(error) => {
             if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(%error, "sock_diag unavailable: the sweep reads /proc/net/tcp \
-                    instead (its cost then grows with every socket of the host)");
+                tracing::warn!(%error, "sock_diag lookup failed: reading net/tcp instead (said \
+                    once; its cost grows with every socket of the namespace)");
             }
             let mut all = tcp_sockets(dir);
             all.retain(|_, s| {

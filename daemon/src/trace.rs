@@ -79,9 +79,11 @@ pub async fn run(opts: TraceOptions) -> Result<(), TraceError> {
             }
         }
     }
-    // Whatever arrived before the signal is still printed.
-    while let Ok(Ok(_)) =
+    // Whatever arrived before the signal is still printed. In batched mode a read ends on
+    // its own timer, possibly with nothing: that is the end too.
+    while let Ok(Ok(n)) =
         tokio::time::timeout(Duration::from_millis(50), probe.read_batch(&mut batch)).await
+        && n > 0
     {
         for r in batch.drain(..) {
             events += 1;

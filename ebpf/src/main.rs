@@ -20,9 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use reclaimd_common::{
     AF_INET, AF_INET6, COMM_LEN, Event, EventKind, IPPROTO_TCP, KernelOffsets, OwnerSource,
-    SockInfo, exit_filter,
+    ProbeSettings, SockInfo, TcpState, exit_filter,
     layout::{SOCK_LENGTH_SK, SYS_EXIT_RET, set_state},
-    tcp_state,
+    report, tcp_state,
 };
 
 /// Default size; user space may resize it before load (`EbpfLoader::map_max_entries`).
@@ -41,6 +41,11 @@ static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 /// was never seen cannot fill the map for ever.
 #[map]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sockets bound to GPU holders, by `struct sock` address (user space keeps it): their
+/// deaths wake user space at once. A socket is forgotten here when it closes.
+#[map]
+static BOUND: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
 
 /// A process across pid reuse: its tgid and its leader's start time.
 #[repr(C)]
@@ -62,6 +67,22 @@ const BPF_NOEXIST: u64 = 1;
 
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
+
+#[unsafe(no_mangle)]
+static SETTINGS: ProbeSettings = ProbeSettings::zeroed();
+
+#[inline(always)]
+fn every_change() -> bool {
+    // SAFETY: as for OFFSETS.
+    unsafe { core::ptr::read_volatile(&SETTINGS) }.report == report::EVERY_CHANGE
+}
+
+/// `bpf_ringbuf_output` flags (`linux/bpf.h`).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query` flags.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
 
 #[inline(always)]
 fn offsets() -> KernelOffsets {
@@ -85,9 +106,27 @@ fn count_drop() {
     }
 }
 
+/// Whether an event wakes its reader: `Urgent` ones at once; `Batched` ones only when the
+/// ring is a quarter full (user space also reads it on a short timer), so churn that needs
+/// no action costs user space a wake-up per batch, not per event.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Urgent,
+    Batched,
+}
+
 #[inline(always)]
-fn emit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+fn emit(ev: &Event, wake: Wake) {
+    let flags = if every_change() {
+        0 // the kernel's own policy: wake a reader that has caught up
+    } else if wake == Wake::Urgent
+        || EVENTS.query(BPF_RB_AVAIL_DATA) >= EVENTS.query(BPF_RB_RING_SIZE) / 4
+    {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<Event>(ev, flags).is_err() {
         count_drop();
     }
 }
@@ -138,7 +177,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     ev.tgid = tgid;
     ev.ppid = ppid;
     ev.comm = current_comm();
-    emit(&ev);
+    emit(&ev, Wake::Batched);
     Ok(())
 }
 
@@ -204,7 +243,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     ev.tgid = tgid;
     ev.exit_code = exit_code;
     ev.comm = current_comm();
-    emit(&ev);
+    emit(&ev, Wake::Urgent);
     Ok(())
 }
 
@@ -291,7 +330,26 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         let _ = SOCKS.insert(sk, info, 0);
     }
-    emit(&ev);
+    // One record per life, as libbpf-tools tcplife aggregates: its birth and its death;
+    // the closing moves after the death change nothing user space decides on.
+    let open = |s: u8| TcpState::from_raw(s).is_open();
+    let born = ev.new_state == tcp_state::ESTABLISHED;
+    let died = open(ev.old_state) && !open(ev.new_state);
+    // SAFETY: the value is a plain u8, only tested for presence.
+    let bound = unsafe { BOUND.get(sk) }.is_some();
+    if ev.new_state == tcp_state::CLOSE && bound {
+        let _ = BOUND.remove(sk);
+    }
+    if born || died || every_change() {
+        emit(
+            &ev,
+            if died && bound {
+                Wake::Urgent
+            } else {
+                Wake::Batched
+            },
+        );
+    }
     Ok(())
 }
 
@@ -327,7 +385,7 @@ fn set_owner(sk: u64, source: OwnerSource, fd: i32) {
     ev.saddr = info.saddr;
     ev.daddr = info.daddr;
     ev.comm = info.owner_comm;
-    emit(&ev);
+    emit(&ev, Wake::Batched);
 }
 
 /// `accept` returned fd `ret` to the current process: find its `struct sock` through the fd

@@ -40,9 +40,11 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 fn kill9_in_a_burst_of_reclaims_loses_no_action_and_forgets_no_orphan() {
     const N: usize = 6;
     let gpu = FakeGpu::new(DEVICE);
-    // Workers ignore SIGTERM: each reclaim takes term_grace, so the burst is still going
-    // when the daemon dies.
-    let daemon = enforce(&gpu).policy("term_grace", "700ms");
+    // Workers ignore SIGTERM: each reclaim takes term_grace, two at a time, so the burst
+    // is still going (waves two and three) when the daemon dies.
+    let daemon = enforce(&gpu)
+        .policy("term_grace", "700ms")
+        .policy("parallel", 2);
     let d = daemon.clone().start();
     let device = gpu.device_file(0);
     let device = device.to_str().unwrap();

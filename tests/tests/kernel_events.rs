@@ -306,6 +306,62 @@ fn tcp_v6_server_closes() {
     check_session(true, Closer::Server);
 }
 
+/// What the daemon reads (`--lifecycle`, aggregated in the kernel as tcplife does): a
+/// connection's birth, its owner at accept, and its death, the first move out of an open
+/// state; none of the closing moves after it.
+#[rstest]
+#[case::client_closes(Closer::Client, "CLOSE_WAIT")]
+#[case::server_closes(Closer::Server, "FIN_WAIT1")]
+fn lifecycle_mode_reports_birth_owner_and_death_only(#[case] closer: Closer, #[case] death: &str) {
+    let port = free_port(false);
+    let mut tracer = Tracer::start(&["--lifecycle", "--port", &port.to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    let who = if closer == Closer::Client {
+        "peer"
+    } else {
+        "self"
+    };
+    let w = Workload::spawn(&workload(), &["serve", &addr, who]);
+    w.line("listening");
+    let mut client = TcpStream::connect(&addr).unwrap();
+    let cport = client.local_addr().unwrap().port();
+    w.line("accepted");
+    if closer == Closer::Server {
+        w.line("closed");
+        let _ = client.read_to_end(&mut Vec::new());
+    }
+    drop(client);
+    tracer.expect("the server socket's death", WAIT, |v| {
+        is(v, "tcp") && v["sport"] == port && v["dport"] == cport && v["new_state"] == death
+    });
+    let server = w.pid();
+    let _ = w.finish();
+    // Long enough for the closing moves (LAST_ACK/FIN_WAIT2, CLOSE) and a batch or two.
+    tracer.settle(Duration::from_millis(500));
+    let trace = tracer.stop();
+    let seen = states(&trace.events, port, cport);
+    let want = vec![
+        ("SYN_RECV".to_owned(), "ESTABLISHED".to_owned()),
+        ("ESTABLISHED".to_owned(), death.to_owned()),
+    ];
+    let got: Vec<(String, String)> = seen
+        .iter()
+        .map(|(o, n, _)| (o.clone(), n.clone()))
+        .collect();
+    assert_eq!(got, want, "{seen:?}");
+    assert_eq!(
+        seen[1].2,
+        u64::from(server),
+        "the death carries the accepting process"
+    );
+    let owners = trace
+        .events
+        .iter()
+        .filter(|v| is(v, "owner") && v["sport"] == port && v["dport"] == cport)
+        .count();
+    assert_eq!(owners, 1, "the owner, learned at accept, once");
+}
+
 #[test]
 fn unwatched_port_produces_no_event() {
     let watched = free_port(false);

@@ -60,6 +60,19 @@ struct Bound {
 }
 
 impl Bound {
+    /// The kernel sockets (where events named them) of the live connections in `keys`.
+    fn sockets(&self, model: &Model) -> HashSet<u64> {
+        self.keys
+            .iter()
+            .filter_map(|k| match k {
+                SessionKey::Connection(c) => model.conn(c),
+                SessionKey::Process(_) => None,
+            })
+            .filter(|c| c.death.is_none() && c.sock != 0)
+            .map(|c| c.sock)
+            .collect()
+    }
+
     fn of(assessments: &[Assessment]) -> Self {
         let mut b = Self::default();
         for a in assessments {
@@ -246,6 +259,12 @@ impl Engine {
 
     /// Sessions by (kind, service, state), every configured combination included (zeros
     /// too), so a gauge never keeps a stale value.
+    /// The kernel sockets of the live connections the last snapshot's holders are bound
+    /// to: their deaths wake the daemon at once; other events are read in batches.
+    pub fn bound_sockets(&self) -> HashSet<u64> {
+        self.bound.sockets(&self.model)
+    }
+
     pub fn session_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
         use strum::IntoEnumIterator as _;
         let mut counts: HashMap<(&'static str, String, &'static str), u64> = HashMap::new();

@@ -75,6 +75,10 @@ pub struct ProbeOptions {
     pub btf_path: PathBuf,
     /// How process deaths are told from thread exits.
     pub exit_filter: ExitFilter,
+    /// Every state change of a watched socket, each read at once (`reclaimd trace`);
+    /// otherwise a connection's birth, owner and death only, read in batches unless it
+    /// matters now (the daemon).
+    pub every_change: bool,
 }
 
 impl Default for ProbeOptions {
@@ -84,9 +88,14 @@ impl Default for ProbeOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             btf_path: PathBuf::from(DEFAULT_BTF_PATH),
             exit_filter: ExitFilter::Auto,
+            every_change: false,
         }
     }
 }
+
+/// How late an event that wakes nobody (a birth, an owner, the death of a connection no
+/// holder is bound to) is read at most: the ring buffer is also drained on this timer.
+pub const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// An event and when user space got it (CLOCK_MONOTONIC ns, the clock of `ts_ns`).
 #[derive(Debug, Clone)]
@@ -99,6 +108,11 @@ pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u16, u8>,
+    /// The kernel's `BOUND` map, and what user space last put in it.
+    bound: HashMap<MapData, u64, u8>,
+    bound_now: std::collections::HashSet<u64>,
+    /// Wake-ups are batched ([`BATCH_WAIT`]): not in `every_change` mode.
+    batched: bool,
     malformed: u64,
     /// Capabilities whose programs are attached, with how they run.
     attached: Vec<(Capability, String)>,
@@ -134,9 +148,18 @@ impl Probe {
 
         let aya_btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default())
             .map_err(|e| ProbeError::Load(e.into()))?;
+        let settings = reclaimd_common::ProbeSettings {
+            report: if opts.every_change {
+                reclaimd_common::report::EVERY_CHANGE
+            } else {
+                reclaimd_common::report::LIFECYCLE
+            },
+            _pad: 0,
+        };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(names::OFFSETS, &plan.offsets, true)
+            .override_global(names::SETTINGS, &settings, true)
             .map_max_entries(names::EVENTS, opts.ring_bytes)
             .load(OBJECT)?;
         start_program_logs(&mut ebpf);
@@ -151,6 +174,8 @@ impl Probe {
         }
         let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
             .map_err(map_error(names::DROPS))?;
+        let bound = HashMap::try_from(take_map(&mut ebpf, names::BOUND)?)
+            .map_err(map_error(names::BOUND))?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(map_error(names::EVENTS))?;
         let ring = readable(ring)?;
@@ -170,6 +195,9 @@ impl Probe {
             ring,
             drops,
             watched,
+            bound,
+            bound_now: Default::default(),
+            batched: !opts.every_change,
             malformed: 0,
             attached,
             missing,
@@ -190,22 +218,42 @@ impl Probe {
     /// Waits until events are ready, then appends every available one to `out`. Returns how
     /// many were appended; malformed records are counted (see [`Probe::malformed`]) and
     /// skipped.
+    ///
+    /// In batched mode it also returns after [`BATCH_WAIT`] with what the kernel wrote
+    /// without waking it (possibly nothing).
     pub async fn read_batch(&mut self, out: &mut Vec<Received>) -> Result<usize, ProbeError> {
         let before = out.len();
-        let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let recv_ns = clock::monotonic_ns();
-            match KernelEvent::decode(&item) {
-                Ok(event) => out.push(Received { event, recv_ns }),
-                Err(error) => {
-                    self.malformed += 1;
-                    tracing::warn!(%error, total = self.malformed, "skipped malformed event");
-                }
+        let wait = if self.batched {
+            BATCH_WAIT
+        } else {
+            std::time::Duration::MAX
+        };
+        let malformed = &mut self.malformed;
+        match tokio::time::timeout(wait, self.ring.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), out, malformed);
+                guard.clear_ready();
             }
+            Err(_) => drain(self.ring.get_mut(), out, malformed),
         }
-        guard.clear_ready();
         Ok(out.len() - before)
+    }
+
+    /// Keeps the kernel's `BOUND` map equal to `socks`: the sockets whose death must wake
+    /// the daemon at once.
+    pub fn set_bound(&mut self, socks: &std::collections::HashSet<u64>) -> Result<(), ProbeError> {
+        for gone in self.bound_now.difference(socks) {
+            // The kernel forgets a socket itself when it closes: absent is fine.
+            let _ = self.bound.remove(gone);
+        }
+        for new in socks.difference(&self.bound_now) {
+            self.bound
+                .insert(new, 1, 0)
+                .map_err(map_error(names::BOUND))?;
+        }
+        self.bound_now.clone_from(socks);
+        Ok(())
     }
 
     /// Events the kernel could not put in the ring buffer since load, summed over CPUs.
@@ -226,6 +274,20 @@ impl Probe {
         self.watched
             .insert(port, 1, 0)
             .map_err(map_error(names::WATCHED_PORTS))
+    }
+}
+
+/// Appends every event `ring` holds to `out`, counting malformed records.
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Received>, malformed: &mut u64) {
+    while let Some(item) = ring.next() {
+        let recv_ns = clock::monotonic_ns();
+        match KernelEvent::decode(&item) {
+            Ok(event) => out.push(Received { event, recv_ns }),
+            Err(error) => {
+                *malformed += 1;
+                tracing::warn!(%error, total = *malformed, "skipped malformed event");
+            }
+        }
     }
 }
 

@@ -129,6 +129,15 @@ impl EventSource {
         Ok(out.len() - before)
     }
 
+    /// The kernel sockets whose death must wake the daemon at once (eBPF only; the
+    /// connector reports no sockets).
+    pub fn set_bound(&mut self, socks: &std::collections::HashSet<u64>) -> Result<(), ProbeError> {
+        match &mut self.ebpf {
+            Some(p) => p.set_bound(socks),
+            None => Ok(()),
+        }
+    }
+
     /// Events lost so far. The connector only knows that it lost some, not how many: each
     /// overrun counts one.
     pub fn drops(&self) -> Result<u64, ProbeError> {

@@ -295,6 +295,7 @@ fn open_probe(cfg: &Config) -> Result<(EventSource, Option<String>), DaemonError
             ring_bytes: cfg.probe.ring_bytes,
             btf_path: cfg.probe.btf.clone(),
             exit_filter: crate::probe::ExitFilter::Auto,
+            every_change: false,
         },
     )?;
     let probe = opened.source;
@@ -414,6 +415,7 @@ impl Runtime {
                     if sched.running.is_some() => {
                     sched.running = None;
                     self.on_taken(joined, &mut sched)?;
+                    inputs.probe.set_bound(&self.engine.bound_sockets())?;
                 }
             }
         }
