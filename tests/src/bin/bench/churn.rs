@@ -8,6 +8,7 @@ use reclaimd_tests::{Daemon, FakeGpu, Workload, connection_service};
 use crate::{
     Opts,
     core::{DEVICE, daemon},
+    kstats,
     report::{Report, Row, Stat, fmt, ratio},
     util::{
         Stamped, cpu_seconds, delta, histogram, mono_ns, pair, quantile, rss_kib, scrape, status,
@@ -280,6 +281,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         std::thread::sleep(Duration::from_millis(500));
     }
     rep.line("");
+    per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
 
     // Memory before and after many connection sessions.
     rep.heading("Daemon memory across connection-session churn");
@@ -318,4 +320,163 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         &format!("rss_kib after {} cycles", c.made - c.failed),
         rss1 as f64,
     );
+    at_rest_among_time_wait(opts, rep, &gpu);
+}
+
+/// The host's TIME_WAIT sockets (`/proc/net/sockstat`, `tw`).
+fn time_wait_sockets() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(2)
+                .find(|p| p[0] == "tw")
+                .and_then(|p| p[1].parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The daemon at rest (one watched port, no session) on a host with many unrelated
+/// TIME_WAIT sockets: its sweeps must not pay for them.
+fn at_rest_among_time_wait(opts: &Opts, rep: &mut Report, gpu: &FakeGpu) {
+    const IDLE: Duration = Duration::from_secs(20);
+    let per_sink = if opts.quick { 2_500 } else { 25_000 };
+    // One sink per 25k: a client's ephemeral ports to one server port run out near 28k.
+    let sinks: Vec<(Workload, u16)> = (0..4).map(|_| sink("other-sink")).collect();
+    for (_, port) in &sinks {
+        churn(*port, 1e9, per_sink as f64 / 1e9, 2);
+    }
+    let tw = time_wait_sockets();
+    let watched = reclaimd_tests::free_port();
+    let d = daemon(gpu).service(services(watched)).start();
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu0, t0) = (cpu_seconds(d.pid()), mono_ns());
+    std::thread::sleep(IDLE);
+    let pct = 100.0 * (cpu_seconds(d.pid()) - cpu0) / ((mono_ns() - t0) as f64 / 1e9);
+    d.stop();
+    rep.heading("Daemon at rest among unrelated TIME_WAIT sockets");
+    rep.line(&format!(
+        "{tw} TIME_WAIT sockets on the host (`/proc/net/sockstat`), left by churn on four \
+         unwatched ports; the daemon watches another port, with no session, default 5 s \
+         sweep, over {} s.\n",
+        IDLE.as_secs()
+    ));
+    rep.line(&format!(
+        "| TIME_WAIT sockets | daemon CPU |\n|---|---|\n| {tw} | {pct:.2} % |\n"
+    ));
+    rep.value(&format!("daemon_cpu_pct at rest among {tw} TIME_WAIT"), pct);
+}
+
+/// What one observer cost during one churn run: its own CPU, and the kernel time of its
+/// programs, per connection.
+struct Cost {
+    connections: u64,
+    achieved: f64,
+    cpu_us: f64,
+    programs: Vec<(String, u64, u64)>,
+}
+
+impl Cost {
+    fn kernel_us(&self) -> f64 {
+        self.programs.iter().map(|p| p.1).sum::<u64>() as f64 / 1e3 / self.connections.max(1) as f64
+    }
+}
+
+/// Churns `port` at `rate` for `secs` while measuring process `pid`.
+fn measure(pid: u32, port: u16, rate: f64, secs: f64) -> Cost {
+    let (cpu0, k0) = (cpu_seconds(pid), kstats::sample(pid));
+    let c = churn(port, rate, secs, 2);
+    // The last batch of events (read at most 50 ms late) and the observer's output.
+    std::thread::sleep(Duration::from_millis(300));
+    let (cpu1, k1) = (cpu_seconds(pid), kstats::sample(pid));
+    let connections = c.made - c.failed;
+    Cost {
+        connections,
+        achieved: c.achieved,
+        cpu_us: (cpu1 - cpu0) * 1e6 / connections.max(1) as f64,
+        programs: kstats::delta(&k0, &k1),
+    }
+}
+
+/// The daemon and tcplife, each alone on the same churn of a watched port: user-space CPU
+/// and the kernel's run time of their programs (BPF statistics), per connection.
+fn per_connection(
+    opts: &Opts,
+    rep: &mut Report,
+    watched: u16,
+    gpu: &FakeGpu,
+    tcplife: Option<&str>,
+) {
+    let (rate, secs) = (10_000.0, if opts.quick { 2.0 } else { 5.0 });
+    rep.heading("Cost per watched connection: reclaimd vs tcplife");
+    rep.line(&format!(
+        "Two clients churn the watched port (target {} connections/s, {secs} s) with one \
+         observer at a time: the daemon (a `scope = \"connection\"` service on the port, \
+         no GPU holder: nothing to act on) or tcplife (`-L PORT`, its output read by the \
+         bench). CPU: the observer's utime + stime; kernel: the run time of its programs \
+         from the kernel's BPF statistics (on only for this section), charged to whichever \
+         process the tracepoint fired in.\n",
+        fmt(rate)
+    ));
+    let Some(_stats) = kstats::enable() else {
+        rep.line("BPF statistics unavailable: skipped.\n");
+        return;
+    };
+    let d = daemon(gpu).service(services(watched)).start();
+    std::thread::sleep(Duration::from_secs(3));
+    let ours = measure(d.pid(), watched, rate, secs);
+    d.stop();
+    let theirs = match (tcplife, opts.skip_peers) {
+        (Some(bin), false) => {
+            let mut t = Stamped::spawn("stdbuf", &["-oL", bin, "-L", &watched.to_string()]);
+            t.wait_for("PID", Duration::from_secs(30));
+            let cost = measure(t.pid(), watched, rate, secs);
+            let _ = t.stop(libc::SIGINT);
+            Some(cost)
+        }
+        _ => None,
+    };
+    rep.line("| observer | connections/s | CPU per connection | kernel per connection | total |");
+    rep.line("|---|---|---|---|---|");
+    for (name, c) in [
+        ("reclaimd daemon", Some(&ours)),
+        ("tcplife", theirs.as_ref()),
+    ] {
+        let Some(c) = c else { continue };
+        rep.line(&format!(
+            "| {name} | {} | {} µs | {} µs | {} µs |",
+            fmt(c.achieved),
+            fmt(c.cpu_us),
+            fmt(c.kernel_us()),
+            fmt(c.cpu_us + c.kernel_us())
+        ));
+        rep.value(&format!("cpu_us_per_connection {name}"), c.cpu_us);
+        rep.value(&format!("kernel_us_per_connection {name}"), c.kernel_us());
+    }
+    if let Some(t) = &theirs {
+        rep.line(&format!(
+            "\nRatio reclaimd / tcplife per connection: CPU {}, kernel {}, total {}.\n",
+            ratio(ours.cpu_us, t.cpu_us),
+            ratio(ours.kernel_us(), t.kernel_us()),
+            ratio(ours.cpu_us + ours.kernel_us(), t.cpu_us + t.kernel_us())
+        ));
+    }
+    rep.line("| observer | program | runs per connection | ns per run |\n|---|---|---|---|");
+    for (name, c) in [("reclaimd", Some(&ours)), ("tcplife", theirs.as_ref())] {
+        let Some(c) = c else { continue };
+        for (prog, ns, runs) in &c.programs {
+            rep.line(&format!(
+                "| {name} | {prog} | {} | {} |",
+                fmt(*runs as f64 / c.connections.max(1) as f64),
+                fmt(*ns as f64 / (*runs).max(1) as f64)
+            ));
+            rep.value(
+                &format!("kernel_ns_per_run {name} {prog}"),
+                *ns as f64 / (*runs).max(1) as f64,
+            );
+        }
+    }
+    rep.line("");
 }

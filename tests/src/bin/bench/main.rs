@@ -18,6 +18,7 @@ mod burst;
 mod churn;
 mod core;
 mod exits;
+mod kstats;
 mod report;
 mod serve;
 mod util;

@@ -56,6 +56,10 @@ impl Stamped {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for a line that contains `needle` (the tool's ready sign).
     pub fn wait_for(&mut self, needle: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
