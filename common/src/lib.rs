@@ -403,8 +403,8 @@ impl KernelOffsets {
 pub mod report {
     /// What a connection's life needs: its birth (ESTABLISHED), its owner, its death (the
     /// first move out of an open state); later closing moves stay in the kernel. Only
-    /// exits and the deaths of connections in `BOUND` wake user space; the rest is read in
-    /// batches (or when the ring fills up). The daemon's mode, and the default.
+    /// forks, exits and the deaths of connections in `BOUND` wake user space; the rest is
+    /// read in batches (or when the ring fills up). The daemon's mode, and the default.
     pub const LIFECYCLE: u32 = 0;
     /// Every state change of a watched socket, each waking its reader (`reclaimd trace`).
     pub const EVERY_CHANGE: u32 = 1;

@@ -177,7 +177,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     ev.tgid = tgid;
     ev.ppid = ppid;
     ev.comm = current_comm();
-    emit(&ev, Wake::Batched);
+    // At once: user space reads a parent's name from /proc at its first fork (set after
+    // exec, by prctl), which a parent killed a moment later would take with it.
+    emit(&ev, Wake::Urgent);
     Ok(())
 }
 

@@ -189,11 +189,9 @@ enum Closer {
     Server,
 }
 
-/// One connection to a server on a watched port; returns the server's pid, the client's
-/// port and the tracer, which has seen the connection's last transition to CLOSE.
-fn tcp_session(v6: bool, closer: Closer) -> (u32, u16, u16, Tracer) {
-    let port = free_port(v6);
-    let mut tracer = Tracer::start(&["--port", &port.to_string()]);
+/// A `workload serve` on `port` and one connection to it, closed first by `closer`; the
+/// server and the client's port.
+fn serve_one(v6: bool, port: u16, closer: Closer) -> (Workload, u16) {
     let host = if v6 { "[::1]" } else { "127.0.0.1" };
     let addr = format!("{host}:{port}");
     let who = if closer == Closer::Client {
@@ -206,15 +204,20 @@ fn tcp_session(v6: bool, closer: Closer) -> (u32, u16, u16, Tracer) {
     let mut client = TcpStream::connect(&addr).unwrap();
     let cport = client.local_addr().unwrap().port();
     w.line("accepted");
-    match closer {
-        Closer::Client => drop(client),
-        Closer::Server => {
-            w.line("closed");
-            let mut rest = Vec::new();
-            let _ = client.read_to_end(&mut rest);
-            drop(client);
-        }
+    if closer == Closer::Server {
+        w.line("closed");
+        let _ = client.read_to_end(&mut Vec::new());
     }
+    drop(client);
+    (w, cport)
+}
+
+/// One connection to a server on a watched port; returns the server's pid, the client's
+/// port and the tracer, which has seen the connection's last transition to CLOSE.
+fn tcp_session(v6: bool, closer: Closer) -> (u32, u16, u16, Tracer) {
+    let port = free_port(v6);
+    let mut tracer = Tracer::start(&["--port", &port.to_string()]);
+    let (w, cport) = serve_one(v6, port, closer);
     let server = w.pid();
     tracer.expect("server socket CLOSE", WAIT, |v| {
         is(v, "tcp") && v["sport"] == port && v["dport"] == cport && v["new_state"] == "CLOSE"
@@ -315,22 +318,7 @@ fn tcp_v6_server_closes() {
 fn lifecycle_mode_reports_birth_owner_and_death_only(#[case] closer: Closer, #[case] death: &str) {
     let port = free_port(false);
     let mut tracer = Tracer::start(&["--lifecycle", "--port", &port.to_string()]);
-    let addr = format!("127.0.0.1:{port}");
-    let who = if closer == Closer::Client {
-        "peer"
-    } else {
-        "self"
-    };
-    let w = Workload::spawn(&workload(), &["serve", &addr, who]);
-    w.line("listening");
-    let mut client = TcpStream::connect(&addr).unwrap();
-    let cport = client.local_addr().unwrap().port();
-    w.line("accepted");
-    if closer == Closer::Server {
-        w.line("closed");
-        let _ = client.read_to_end(&mut Vec::new());
-    }
-    drop(client);
+    let (w, cport) = serve_one(false, port, closer);
     tracer.expect("the server socket's death", WAIT, |v| {
         is(v, "tcp") && v["sport"] == port && v["dport"] == cport && v["new_state"] == death
     });

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use reclaimd::ledger::{Outcome, Record};
-use reclaimd_tests::{Burst, FakeGpu, llm_service, wait_for_record, wait_until_bound};
+use reclaimd_tests::{Burst, FakeGpu, llm_service, settled_record, wait_until_bound};
 
 use crate::{
     Opts,
@@ -39,9 +39,18 @@ fn burst(workers: usize, parallel: usize) -> BurstRun {
     wait_until_bound(&gpu, &holders);
     let killed_ms = reclaimd::clock::unix_ms();
     reclaimd_tests::kill(b.server.pid());
+    // A holder never settled counts as not reclaimed (and is ended), not as a panic.
     let records: Vec<(u32, Record)> = holders
         .iter()
-        .map(|&p| (p, wait_for_record(&d.ledger, p, Duration::from_secs(120))))
+        .filter_map(
+            |&p| match settled_record(&d.ledger, p, Duration::from_secs(120)) {
+                Some(r) => Some((p, r)),
+                None => {
+                    reclaimd_tests::kill(p);
+                    None
+                }
+            },
+        )
         .collect();
     let done_ms = |r: &Record| r.resolution.as_ref().map_or(i64::MAX, |x| x.time_ms);
     let last = records.iter().map(|(_, r)| done_ms(r)).max().unwrap_or(0);

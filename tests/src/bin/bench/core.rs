@@ -9,7 +9,7 @@ use std::{
 use reclaimd::ledger::Outcome;
 use reclaimd_tests::{
     Daemon, DaemonBuilder, FakeGpu, Workload, connection_service, llm_service, percentile, service,
-    wait_for_record,
+    settled_record,
 };
 
 use crate::{
@@ -121,10 +121,18 @@ pub fn time_to_reclaim(runs: usize) -> Reclaims {
                 }
             }
         }
-        let r = wait_for_record(&d.ledger, worker, Duration::from_secs(20));
-        match (&r.outcome, r.resolution.and_then(|x| x.time_to_reclaim_ms)) {
-            (Outcome::Reclaimed, Some(ms)) => out.ledger_ms.push(ms.max(0) as u64),
-            _ => out.failures += 1,
+        // A run without a reclaim counts as a failure (and its worker is ended), never a
+        // panic: the rest of the measurements still run.
+        match settled_record(&d.ledger, worker, Duration::from_secs(20)).map(|r| {
+            let ms = r.resolution.and_then(|x| x.time_to_reclaim_ms);
+            (r.outcome, ms)
+        }) {
+            Some((Outcome::Reclaimed, Some(ms))) => out.ledger_ms.push(ms.max(0) as u64),
+            other => {
+                eprintln!("bench: worker {worker} not reclaimed: {other:?}");
+                reclaimd_tests::kill(worker);
+                out.failures += 1;
+            }
         }
         let _ = server.finish();
         if (i + 1) % 50 == 0 {
