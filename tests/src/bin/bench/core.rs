@@ -281,21 +281,31 @@ pub fn live_sessions(counts: &[usize]) -> Vec<LiveRow> {
     let mut rows = Vec::new();
     for &n in counts {
         let groups = n.div_ceil(PER_PROCESS);
-        let ports: Vec<u16> = (0..groups).map(|_| reclaimd_tests::free_port()).collect();
+        let share = |i: usize| (n - i * PER_PROCESS).min(PER_PROCESS).to_string();
+        // Every server listens before any client connects: a port picked free earlier could
+        // otherwise be taken meanwhile as a client's ephemeral port.
+        let servers: Vec<(Workload, String)> = (0..groups)
+            .map(|i| {
+                let addr = format!("127.0.0.1:{}", reclaimd_tests::free_port());
+                let server = Workload::spawn(
+                    &crate::workload(),
+                    &["keep-conns", "api-server", &addr, &share(i)],
+                );
+                server.line("listening");
+                (server, addr)
+            })
+            .collect();
+        let ports: Vec<u16> = servers
+            .iter()
+            .filter_map(|(_, a)| a.rsplit(':').next()?.parse().ok())
+            .collect();
         let gpu = FakeGpu::new(DEVICE);
         let mut d = daemon(&gpu)
             .service(connection_service("api", "api-server", &ports))
             .start();
         let mut procs = Vec::new();
-        for (i, port) in ports.iter().enumerate() {
-            let share = (n - i * PER_PROCESS).min(PER_PROCESS).to_string();
-            let addr = format!("127.0.0.1:{port}");
-            let server = Workload::spawn(
-                &crate::workload(),
-                &["keep-conns", "api-server", &addr, &share],
-            );
-            server.line("listening");
-            let clients = Workload::spawn(&crate::workload(), &["clients", &addr, &share]);
+        for (i, (server, addr)) in servers.into_iter().enumerate() {
+            let clients = Workload::spawn(&crate::workload(), &["clients", &addr, &share(i)]);
             clients.line("connected");
             server.line("accepted");
             procs.push((server, clients));
