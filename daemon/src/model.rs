@@ -710,25 +710,36 @@ impl Model {
             return None;
         }
         let original = p.ppid;
-        // Kept from the first sight: the parent's record is pruned a while after its death.
-        let exited = self.procs.get(&original).and_then(|q| q.exited);
-        let death = self.reparented.entry(id).or_insert_with(|| match exited {
-            Some(e) => {
-                let d = death_of(e);
-                Death {
-                    at: d.at,
-                    cause: format!(
-                        "original parent {original} {}; reparented to {ppid}",
-                        d.cause
-                    ),
-                }
+        if let Some(e) = self.procs.get(&original).and_then(|q| q.exited) {
+            let d = death_of(e);
+            let death = Death {
+                at: d.at,
+                cause: format!(
+                    "original parent {original} {}; reparented to {ppid}",
+                    d.cause
+                ),
+            };
+            // Kept: the parent's record is pruned a while after its death.
+            self.reparented.insert(id, death.clone());
+            return Some(death);
+        }
+        match self.reparented.get(&id) {
+            // Seen before, with or without the exit: that stands.
+            Some(d) => Some(d.clone()),
+            // First sight of the reparenting with no exit seen: the exit event may still be
+            // on its way (a snapshot's /proc read can beat it), so judge at the next look;
+            // by then an exit names the cause, or the parent is taken as gone from now.
+            None => {
+                self.reparented.insert(
+                    id,
+                    Death {
+                        at: now,
+                        cause: format!("original parent {original} gone; reparented to {ppid}"),
+                    },
+                );
+                None
             }
-            None => Death {
-                at: now,
-                cause: format!("original parent {original} gone; reparented to {ppid}"),
-            },
-        });
-        Some(death.clone())
+        }
     }
 
     /// Forgets a holder that is gone (reclaimed, released, or exited).
@@ -839,6 +850,47 @@ mod tests {
             "the worker is the service's through its server's command line"
         );
         assert!(m.service_root(12).is_none(), "another python3 is not");
+    }
+
+    #[test]
+    fn a_reparenting_seen_before_the_parents_exit_waits_for_it() {
+        let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
+        m.observe_procs(
+            &[facts(100, 1, 50, "trainer"), facts(200, 100, 60, "gpu")],
+            10,
+        );
+        let worker = ProcId {
+            pid: 200,
+            start_time: 60,
+        };
+        // A snapshot's /proc read sees the reparenting before the exit event arrives.
+        assert_eq!(
+            m.parent_death(worker, 1, 30),
+            None,
+            "not judged on first sight"
+        );
+        m.apply(&exit(100, 25, ExitStatus::Signal(9)));
+        let d = m.parent_death(worker, 1, 40).expect("the exit names it");
+        assert_eq!(
+            d.cause,
+            "original parent 100 killed by signal 9; reparented to 1"
+        );
+        assert_eq!(d.at, 25);
+        // Another holder whose parent's exit was never seen: gone since the first sight.
+        m.observe_procs(
+            &[facts(300, 1, 70, "trainer"), facts(400, 300, 80, "gpu")],
+            50,
+        );
+        let other = ProcId {
+            pid: 400,
+            start_time: 80,
+        };
+        assert_eq!(m.parent_death(other, 1, 60), None);
+        let d = m.parent_death(other, 1, 70).expect("taken as gone");
+        assert_eq!(
+            (d.cause.as_str(), d.at),
+            ("original parent 300 gone; reparented to 1", 60)
+        );
     }
 
     fn exit(pid: u32, at: Ns, status: ExitStatus) -> KernelEvent {

@@ -610,23 +610,3 @@ fn a_burst_of_orphans_is_reclaimed_in_parallel_leaves_first() {
     d.stop();
     let _ = burst.server.finish();
 }
-
-/// The server dies before any snapshot saw its worker: the worker is bound through the fork
-/// event and the server's name, read from /proc when it forked (it renamed itself after
-/// exec, as a Python server sets its title), so it is an orphan, not a suspect.
-#[test]
-fn a_worker_whose_server_dies_before_any_snapshot_is_reclaimed() {
-    let gpu = FakeGpu::new(DEVICE);
-    let d = enforce(&gpu).start();
-    for _ in 0..3 {
-        let s = start_service(&gpu, "llm-server", 128, &[]);
-        // Past the wake-up of the worker's fork event; no snapshot waited for.
-        std::thread::sleep(Duration::from_millis(20));
-        kill(s.server.pid());
-        let r = wait_for_record(&d.ledger, s.worker, WAIT);
-        assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
-        assert_eq!(r.decision.service, "llm", "{r:#?}");
-        let _ = s.server.finish();
-    }
-    d.stop();
-}
