@@ -855,41 +855,43 @@ mod tests {
     #[test]
     fn a_reparenting_seen_before_the_parents_exit_waits_for_it() {
         let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
-        m.observe_procs(
-            &[facts(100, 1, 50, "trainer"), facts(200, 100, 60, "gpu")],
-            10,
-        );
-        let worker = ProcId {
-            pid: 200,
-            start_time: 60,
-        };
-        // A snapshot's /proc read sees the reparenting before the exit event arrives.
-        assert_eq!(
-            m.parent_death(worker, 1, 30),
-            None,
-            "not judged on first sight"
-        );
+        // Two holders outside every service, each the child of a trainer; the first
+        // trainer's exit arrives late, the second's never.
+        fn first_look(m: &mut Model, parent: u32, child: u32, at: Ns) -> ProcId {
+            m.observe_procs(
+                &[
+                    facts(parent, 1, 1, "trainer"),
+                    facts(child, parent, 2, "gpu"),
+                ],
+                at,
+            );
+            // A snapshot's /proc read sees the reparenting before any exit event.
+            let id = ProcId {
+                pid: child,
+                start_time: 2,
+            };
+            assert_eq!(
+                m.parent_death(id, 1, at + 20),
+                None,
+                "not judged on first sight"
+            );
+            id
+        }
+        let late = first_look(&mut m, 100, 200, 10);
         m.apply(&exit(100, 25, ExitStatus::Signal(9)));
-        let d = m.parent_death(worker, 1, 40).expect("the exit names it");
-        assert_eq!(
-            d.cause,
-            "original parent 100 killed by signal 9; reparented to 1"
-        );
-        assert_eq!(d.at, 25);
-        // Another holder whose parent's exit was never seen: gone since the first sight.
-        m.observe_procs(
-            &[facts(300, 1, 70, "trainer"), facts(400, 300, 80, "gpu")],
-            50,
-        );
-        let other = ProcId {
-            pid: 400,
-            start_time: 80,
-        };
-        assert_eq!(m.parent_death(other, 1, 60), None);
-        let d = m.parent_death(other, 1, 70).expect("taken as gone");
+        let d = m.parent_death(late, 1, 40).expect("the exit names it");
         assert_eq!(
             (d.cause.as_str(), d.at),
-            ("original parent 300 gone; reparented to 1", 60)
+            (
+                "original parent 100 killed by signal 9; reparented to 1",
+                25
+            )
+        );
+        let never = first_look(&mut m, 300, 400, 50);
+        let d = m.parent_death(never, 1, 90).expect("taken as gone");
+        assert_eq!(
+            (d.cause.as_str(), d.at),
+            ("original parent 300 gone; reparented to 1", 70)
         );
     }
 
