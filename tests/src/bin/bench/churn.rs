@@ -281,7 +281,6 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         std::thread::sleep(Duration::from_millis(500));
     }
     rep.line("");
-    per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
 
     // Memory before and after many connection sessions.
     rep.heading("Daemon memory across connection-session churn");
@@ -320,6 +319,8 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         &format!("rss_kib after {} cycles", c.made - c.failed),
         rss1 as f64,
     );
+    // Each observer alone: the daemon above is stopped.
+    per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
     at_rest_among_time_wait(opts, rep, &gpu);
 }
 
