@@ -72,13 +72,11 @@ impl GpuInventory {
         &self.files
     }
 
+    /// NVML's view joined with the device files /proc shows held.
     pub fn snapshot(&mut self) -> Inventory {
-        let t0 = std::time::Instant::now();
-        let report = self.nvml.query();
-        let nvml_duration = t0.elapsed();
+        let mut inv = self.memory_view();
         let fds = self.files.scan(self.own_pid);
-        let mut inv = join(report, fds, &self.files);
-        inv.nvml_duration = nvml_duration;
+        add_procfs(&mut inv.holders, fds, &self.files);
         inv
     }
 
@@ -135,7 +133,8 @@ impl SharedViews {
     }
 }
 
-/// NVML's report as an inventory of devices and listed processes only.
+/// NVML's report as an inventory of devices and listed processes only, with per-device
+/// attribution.
 fn join_nvml(report: Result<Report, String>) -> Inventory {
     let (nvml, devices, warnings) = match report {
         Ok(r) => (
@@ -157,17 +156,6 @@ fn join_nvml(report: Result<Report, String>) -> Inventory {
         warnings,
         nvml_duration: std::time::Duration::ZERO,
     }
-}
-
-/// Joins NVML's view with procfs's into holders, and computes per-device attribution.
-pub fn join(
-    report: Result<Report, String>,
-    fds: std::collections::HashMap<u32, Vec<DeviceFd>>,
-    files: &DeviceFiles,
-) -> Inventory {
-    let mut inv = join_nvml(report);
-    add_procfs(&mut inv.holders, fds, files);
-    inv
 }
 
 /// Each device's attributed memory (what NVML lists per process) and the rest; each listed
