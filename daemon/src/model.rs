@@ -296,29 +296,16 @@ impl Model {
     /// Every session in the table: service roots (a process in a service whose parent is
     /// not in the same service) and connections on service ports.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        let mut out: Vec<SessionInfo> = Vec::new();
-        for (pid, p) in &self.procs {
-            let (Some(start_time), Some((service, _))) = (p.start_time, self.direct_service(*pid))
-            else {
-                continue;
-            };
-            if self
-                .direct_service(p.ppid)
-                .is_some_and(|(parent, _)| parent.name == service.name)
-            {
-                continue;
-            }
-            out.push(SessionInfo {
+        let mut out: Vec<SessionInfo> = self
+            .process_sessions()
+            .map(|(pid, start_time, p, service)| SessionInfo {
                 kind: SessionKind::Process,
-                key: SessionKey::Process(ProcId {
-                    pid: *pid,
-                    start_time,
-                }),
+                key: SessionKey::Process(ProcId { pid, start_time }),
                 service: service.name.clone(),
                 death: p.exited.map(death_of),
-                pid: *pid,
-            });
-        }
+                pid,
+            })
+            .collect();
         out.extend(self.conns.values().map(|c| SessionInfo {
             kind: SessionKind::Connection,
             key: SessionKey::Connection(c.key.clone()),
@@ -329,6 +316,43 @@ impl Model {
         // The order the API has always listed them in: by the keys as written.
         out.sort_by_cached_key(|s| s.key.to_string());
         out
+    }
+
+    /// How many sessions there are per kind, service and whether they died (`true`): the
+    /// listing's tally, without building it (it runs after every snapshot, over every
+    /// connection).
+    pub fn session_tally(&self) -> HashMap<(SessionKind, &str, bool), u64> {
+        let mut tally: HashMap<(SessionKind, &str, bool), u64> = HashMap::new();
+        for (_, _, p, service) in self.process_sessions() {
+            let key = (
+                SessionKind::Process,
+                service.name.as_str(),
+                p.exited.is_some(),
+            );
+            *tally.entry(key).or_default() += 1;
+        }
+        for c in self.conns.values() {
+            let key = (
+                SessionKind::Connection,
+                c.service.as_str(),
+                c.death.is_some(),
+            );
+            *tally.entry(key).or_default() += 1;
+        }
+        tally
+    }
+
+    /// The roots of process sessions: service members whose parent is not a member of the
+    /// same service (pid, start time, the process, its service).
+    fn process_sessions(&self) -> impl Iterator<Item = (u32, u64, &Proc, &Service)> {
+        self.procs.iter().filter_map(|(pid, p)| {
+            let start_time = p.start_time?;
+            let (service, _) = self.direct_service(*pid)?;
+            let parent_same = self
+                .direct_service(p.ppid)
+                .is_some_and(|(parent, _)| parent.name == service.name);
+            (!parent_same).then_some((*pid, start_time, p, service))
+        })
     }
 
     /// Table sizes (processes, connections, pinned holders), for logs and memory checks.

@@ -257,14 +257,14 @@ impl Engine {
             .collect()
     }
 
-    /// Sessions by (kind, service, state), every configured combination included (zeros
-    /// too), so a gauge never keeps a stale value.
     /// The kernel sockets of the live connections the last snapshot's holders are bound
     /// to: their deaths wake the daemon at once; other events are read in batches.
     pub fn bound_sockets(&self) -> HashSet<u64> {
         self.bound.sockets(&self.model)
     }
 
+    /// Sessions by (kind, service, state), every configured combination included (zeros
+    /// too), so a gauge never keeps a stale value.
     pub fn session_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
         use strum::IntoEnumIterator as _;
         let mut counts: HashMap<(&'static str, String, &'static str), u64> = HashMap::new();
@@ -275,11 +275,11 @@ impl Engine {
                 }
             }
         }
-        for s in self.model.sessions() {
-            let state = if s.death.is_some() { "dead" } else { "live" };
+        for ((kind, service, dead), n) in self.model.session_tally() {
+            let state = if dead { "dead" } else { "live" };
             *counts
-                .entry((s.kind.as_str(), s.service, state))
-                .or_default() += 1;
+                .entry((kind.as_str(), service.to_owned(), state))
+                .or_default() += n;
         }
         counts.into_iter().collect()
     }

@@ -221,6 +221,28 @@ fn a_servers_death_is_urgent_announced_and_starts_the_grace() {
 }
 
 #[test]
+fn the_session_counts_tally_the_listing_with_every_combination() {
+    let (e, _) = dead_server("10s", 2.5);
+    let mut listed: HashMap<(&'static str, String, &'static str), u64> = HashMap::new();
+    for s in e.sessions("", true) {
+        let state = if s.death.is_some() { "dead" } else { "live" };
+        *listed
+            .entry((s.kind.as_str(), s.service, state))
+            .or_default() += 1;
+    }
+    assert!(
+        listed.get(&("process", "llm".to_owned(), "dead")) == Some(&1),
+        "{listed:?}"
+    );
+    let counts: HashMap<_, _> = e.session_counts().into_iter().collect();
+    assert_eq!(counts.len(), 4, "two kinds × live/dead for llm: {counts:?}");
+    for (key, n) in &counts {
+        assert_eq!(listed.get(key).copied().unwrap_or(0), *n, "{key:?}");
+    }
+    assert!(listed.keys().all(|k| counts.contains_key(k)), "{listed:?}");
+}
+
+#[test]
 fn past_its_grace_an_orphan_is_ordered_once_and_settled_once() {
     let (mut e, r) = dead_server("10s", 12.5);
     let o = orders(&r.effects);
