@@ -155,8 +155,12 @@ pub struct Policy {
     pub protect: Vec<String>,
     /// Breaker: more reclaims than this in a minute stop all action until an operator resets it.
     pub max_reclaims_per_minute: u32,
-    /// Periodic reconciliation that catches what events missed.
+    /// How often the GPU inventory is re-read and every holder judged again.
     pub sweep: Duration,
+    /// How often a sweep also re-reads all of /proc (processes and their open files) and the
+    /// services' socket tables, to catch what kernel events missed (at once after lost
+    /// events; every sweep when events come from the degraded sources).
+    pub resync: Duration,
     /// Decisions waiting for the executor; beyond this they are counted and dropped.
     pub queue: usize,
     /// Reclaims carried out at once (independent holders; a parent still waits for its
@@ -261,6 +265,7 @@ impl Default for Config {
                 max_reclaims_per_minute: 30,
                 suspects: Mode::Report,
                 sweep: Duration::from_secs(5),
+                resync: Duration::from_secs(60),
                 queue: 1024,
                 parallel: 16,
             },
@@ -424,6 +429,7 @@ mod raw {
         pub protect: Vec<String>,
         pub max_reclaims_per_minute: Option<u32>,
         pub sweep: Option<String>,
+        pub resync: Option<String>,
         pub queue: Option<usize>,
         pub parallel: Option<usize>,
         pub suspects: Option<Mode>,
@@ -601,6 +607,16 @@ mod raw {
             if sweep < Duration::from_millis(100) {
                 return Err(invalid("policy.sweep", "must be at least 100ms".to_owned()));
             }
+            let resync = duration(&self.resync, "policy.resync", d.resync.max(sweep), invalid)?;
+            if resync < sweep {
+                return Err(invalid(
+                    "policy.resync",
+                    format!(
+                        "must be at least policy.sweep ({})",
+                        humantime::format_duration(sweep)
+                    ),
+                ));
+            }
             let queue = self.queue.unwrap_or(d.queue);
             if queue == 0 {
                 return Err(invalid("policy.queue", "must be at least 1".to_owned()));
@@ -622,6 +638,7 @@ mod raw {
                 protect: self.protect,
                 max_reclaims_per_minute: max,
                 sweep,
+                resync,
                 queue,
                 parallel,
                 suspects: self.suspects.unwrap_or(d.suspects),
@@ -1024,6 +1041,7 @@ hard = 0.95
 protect = ["sshd", "/usr/bin/nvidia-*"]
 max_reclaims_per_minute = 10
 sweep = "1s"
+resync = "30s"
 
 [gpu]
 nvml_library = "/opt/fake/libnvidia-ml.so.1"
@@ -1055,9 +1073,17 @@ hook = "/usr/local/bin/drain"
         assert_eq!(c.policy.soft, 0.75);
         assert_eq!(c.policy.hard, 0.90);
         assert_eq!(c.policy.max_reclaims_per_minute, 30);
+        assert_eq!(c.policy.sweep, Duration::from_secs(5));
+        assert_eq!(c.policy.resync, Duration::from_secs(60));
         assert_eq!(c.ledger_path, PathBuf::from("/var/lib/reclaimd/ledger.db"));
         assert_eq!(c.gpu.device_glob, "/dev/nvidia*");
         assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn a_sweep_slower_than_the_default_resync_resyncs_every_sweep() {
+        let c = Config::parse("[policy]\nsweep = \"2m\"\n", "test").unwrap();
+        assert_eq!(c.policy.resync, Duration::from_secs(120));
     }
 
     #[test]
@@ -1066,6 +1092,7 @@ hook = "/usr/local/bin/drain"
         assert_eq!(c.policy.mode, Mode::Enforce);
         assert_eq!(c.policy.grace, Duration::from_millis(500));
         assert_eq!(c.policy.protect.len(), 2);
+        assert_eq!(c.policy.resync, Duration::from_secs(30));
         assert_eq!(c.services.len(), 2);
         let llm = &c.services[0];
         assert_eq!(llm.scope, Scope::Connection);
@@ -1158,6 +1185,10 @@ hook = "/usr/local/bin/drain"
             ),
             ("[policy]\nhard = 1.5\n", "policy.hard"),
             ("[policy]\nsweep = \"1ms\"\n", "policy.sweep"),
+            (
+                "[policy]\nsweep = \"10s\"\nresync = \"5s\"\n",
+                "policy.resync",
+            ),
             ("[policy]\nparallel = 0\n", "policy.parallel"),
             ("[policy]\nparallel = 100000\n", "policy.parallel"),
             ("[policy]\nprotect = [\"\"]\n", "policy.protect"),

@@ -7,6 +7,7 @@
 pub mod inventory;
 mod nvml;
 pub mod procfs;
+mod walk;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -52,6 +53,7 @@ pub enum GpuError {
 pub struct GpuInventory {
     nvml: NvmlSource,
     files: DeviceFiles,
+    walk: walk::FdWalk,
     own_pid: u32,
 }
 
@@ -64,6 +66,7 @@ impl GpuInventory {
         Ok(Self {
             nvml: NvmlSource::new(opts.nvml_library.clone()),
             files,
+            walk: walk::FdWalk::default(),
             own_pid: std::process::id(),
         })
     }
@@ -72,10 +75,21 @@ impl GpuInventory {
         &self.files
     }
 
-    /// NVML's view joined with the device files /proc shows held.
+    /// NVML's view joined with the device files /proc shows held, every process's files read.
     pub fn snapshot(&mut self) -> Inventory {
+        self.take(true)
+    }
+
+    /// The same, reading the files only of the processes that can have changed since the
+    /// last read (`walk`'s comment says which): between resyncs.
+    pub fn refresh(&mut self) -> Inventory {
+        self.take(false)
+    }
+
+    fn take(&mut self, full: bool) -> Inventory {
         let mut inv = self.memory_view();
-        let fds = self.files.scan(self.own_pid);
+        let listed: Vec<u32> = inv.holders.keys().copied().collect();
+        let fds = self.walk.read(&self.files, full, listed, self.own_pid);
         add_procfs(&mut inv.holders, fds, &self.files);
         inv
     }

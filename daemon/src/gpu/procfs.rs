@@ -1,8 +1,5 @@
 //! What /proc says about processes and the GPU device files they hold open.
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use glob::{MatchOptions, Pattern};
 
@@ -177,20 +174,14 @@ impl DeviceFiles {
         fds
     }
 
-    /// Device fds of every process but `skip` (reclaimd itself, whose own NVML handle is
-    /// not a holder).
-    pub fn scan(&self, skip: u32) -> HashMap<u32, Vec<DeviceFd>> {
+    /// The pids in /proc.
+    pub fn pids(&self) -> Vec<u32> {
         let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
-            return HashMap::new();
+            return Vec::new();
         };
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| pid != skip)
-            .filter_map(|pid| {
-                let fds = self.of_pid(pid);
-                (!fds.is_empty()).then_some((pid, fds))
-            })
             .collect()
     }
 }

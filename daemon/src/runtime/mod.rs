@@ -85,13 +85,41 @@ struct Runtime {
 /// When the next snapshot is due, and whether it is a full one.
 struct Schedule {
     due: Option<Instant>,
-    /// The next snapshot reads all of /proc and the socket tables (after a sweep's tick).
+    /// The next snapshot reads all of /proc (processes and their open files) and the socket
+    /// tables: a resync.
     full: bool,
+    /// Sweeps since the last resync, and how many make one (`[policy] resync`).
+    since_resync: u32,
+    resync_every: u32,
     running: Option<JoinHandle<Taken>>,
     last_drops: u64,
 }
 
 impl Schedule {
+    fn new(sweep: Duration, resync: Duration) -> Self {
+        let every = resync.as_nanos().div_ceil(sweep.as_nanos().max(1));
+        Self {
+            // The first snapshot is a full one: /proc, sockets and GPUs.
+            due: Some(Instant::now()),
+            full: true,
+            since_resync: 0,
+            resync_every: u32::try_from(every).unwrap_or(u32::MAX).max(1),
+            running: None,
+            last_drops: 0,
+        }
+    }
+
+    /// A sweep's tick: a snapshot now, a resync every `resync_every` ticks, or at once when
+    /// `resync` (events were lost, or come from sources that only a resync completes).
+    fn sweep(&mut self, resync: bool) {
+        self.since_resync += 1;
+        if resync || self.since_resync >= self.resync_every {
+            self.full = true;
+            self.since_resync = 0;
+        }
+        self.due = Some(Instant::now());
+    }
+
     fn at_most(&mut self, at: Instant) {
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
@@ -382,13 +410,7 @@ impl Runtime {
         };
         let mut batch: Vec<Received> = Vec::with_capacity(1024);
         let mut sweep = tokio::time::interval(sweep_every);
-        // The first snapshot is a full one: /proc, sockets and GPUs.
-        let mut sched = Schedule {
-            due: Some(Instant::now()),
-            full: true,
-            running: None,
-            last_drops: 0,
-        };
+        let mut sched = Schedule::new(sweep_every, self.cfg.policy.resync);
         loop {
             let can_start = sched.running.is_none() && self.gpu.is_some();
             let wake = sched
@@ -436,10 +458,9 @@ impl Runtime {
     }
 
     fn on_tick(&mut self, sched: &mut Schedule, probe: &EventSource) -> Result<(), DaemonError> {
-        sched.full = true;
-        sched.due = Some(Instant::now());
         let drops = probe.drops()?;
-        if drops > sched.last_drops {
+        let lost = drops > sched.last_drops;
+        if lost {
             self.hands.metrics.dropped(drops - sched.last_drops);
             tracing::warn!(
                 lost = drops - sched.last_drops,
@@ -448,6 +469,7 @@ impl Runtime {
             );
             sched.last_drops = drops;
         }
+        sched.sweep(lost || probe.needs_fast_sweep());
         self.events_dropped = drops;
         let jobs = &self.hands.jobs;
         self.hands.metrics.queue(
@@ -543,5 +565,37 @@ impl Runtime {
 async fn join_all(tasks: Vec<JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fulls(s: &mut Schedule, ticks: &[bool]) -> Vec<bool> {
+        ticks
+            .iter()
+            .map(|&lost| {
+                s.sweep(lost);
+                std::mem::take(&mut s.full)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_resync_comes_every_resync_period_and_at_once_after_lost_events() {
+        let mut s = Schedule::new(Duration::from_secs(5), Duration::from_secs(12));
+        assert!(
+            std::mem::take(&mut s.full),
+            "the first snapshot is a full one"
+        );
+        assert_eq!(s.resync_every, 3, "12 s in 5 s sweeps: every third");
+        let f = fulls(
+            &mut s,
+            &[false, false, false, false, true, false, false, false],
+        );
+        assert_eq!(f, [false, false, true, false, true, false, false, true]);
+        let mut every = Schedule::new(Duration::from_secs(5), Duration::from_secs(5));
+        assert_eq!(fulls(&mut every, &[false, false]), [true, true]);
     }
 }

@@ -24,7 +24,7 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf, ports: &[u16]
     let started = clock::monotonic_ns();
     let procs = full.then(|| scan::all_facts(&proc_root));
     let t0 = std::time::Instant::now();
-    let inventory = gpu.snapshot();
+    let inventory = if full { gpu.snapshot() } else { gpu.refresh() };
     let took = t0.elapsed();
     let live: Vec<u32> = inventory
         .holders

@@ -394,37 +394,6 @@ pub fn run(opts: &Opts, rep: &mut Report) -> usize {
     }
     rep.line("");
 
-    let counts: &[usize] = if opts.quick {
-        &[1_000, 10_000]
-    } else {
-        &[10_000, 100_000]
-    };
-    rep.heading("Daemon at rest with many live sessions");
-    rep.line(
-        "Live connection sessions of a connection-scope service, idle (nobody reads or \
-         writes), default 5 s sweep: the daemon's RSS, and its CPU over 20 s (the sweeps \
-         re-read the socket tables).\n",
-    );
-    rep.line("| live sessions | in table | RSS | CPU |\n|---|---|---|---|");
-    for row in live_sessions(counts) {
-        rep.line(&format!(
-            "| {} | {} | {:.1} MiB | {:.1} % |",
-            row.sessions,
-            row.in_table,
-            row.rss_kib as f64 / 1024.0,
-            row.cpu_percent
-        ));
-        rep.value(
-            &format!("live_rss_kib {}", row.sessions),
-            row.rss_kib as f64,
-        );
-        rep.value(
-            &format!("live_cpu_percent {}", row.sessions),
-            row.cpu_percent,
-        );
-    }
-    rep.line("");
-
     rep.heading("Time to reclaim: reclaimd vs a 1 s polling reaper");
     rep.line(
         "Same workload for both: a server (`llm-server`) and its worker holding the fake \
@@ -471,4 +440,40 @@ pub fn run(opts: &Opts, rep: &mut Report) -> usize {
         rep.line("(peers skipped: --skip-peers)\n");
     }
     failures
+}
+
+/// The daemon at rest with many live sessions: its RSS and CPU while nothing happens.
+pub fn rest(opts: &Opts, rep: &mut Report) -> usize {
+    let counts: &[usize] = if opts.quick {
+        &[1_000, 10_000]
+    } else {
+        &[10_000, 100_000]
+    };
+    rep.heading("Daemon at rest with many live sessions");
+    rep.line(
+        "Live connection sessions of a connection-scope service, idle (nobody reads or \
+         writes), default 5 s sweep: the daemon's RSS, and its CPU over 20 s (the sweeps \
+         re-read the socket tables).\n",
+    );
+    rep.line("| live sessions | in table | RSS | CPU |\n|---|---|---|---|");
+    for row in live_sessions(counts) {
+        rep.line(&format!(
+            "| {} | {} | {:.1} MiB | {:.1} % |",
+            row.sessions,
+            row.in_table,
+            row.rss_kib as f64 / 1024.0,
+            row.cpu_percent
+        ));
+        rep.value(
+            &format!("live_rss_kib {}", row.sessions),
+            row.rss_kib as f64,
+        );
+        rep.value(
+            &format!("live_cpu_percent {}", row.sessions),
+            row.cpu_percent,
+        );
+    }
+    rep.line("");
+
+    0
 }

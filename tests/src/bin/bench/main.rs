@@ -37,7 +37,8 @@ pub struct Opts {
 type Section = fn(&Opts, &mut report::Report) -> usize;
 
 const SECTIONS: &[(&str, &str, Section)] = &[
-    ("core", "time to reclaim, memory, live sessions", core::run),
+    ("core", "time to reclaim, memory", core::run),
+    ("rest", "at rest with many live sessions", core::rest),
     ("burst", "burst of orphans", burst::run),
     ("exits", "exit detection", |o, r| {
         exits::run(o, r);
