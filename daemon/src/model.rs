@@ -321,15 +321,25 @@ impl Model {
     /// How many sessions there are per kind, service and whether they died (`true`): the
     /// listing's tally, without building it (it runs after every snapshot, over every
     /// connection).
-    pub fn session_tally(&self) -> HashMap<(SessionKind, &str, bool), u64> {
-        let mut tally: HashMap<(SessionKind, &str, bool), u64> = HashMap::new();
+    pub fn session_tally(&self) -> Vec<((SessionKind, &str, bool), u64)> {
+        // A handful of services: a linear search beats hashing a key per session.
+        fn count<'a>(
+            tally: &mut Vec<((SessionKind, &'a str, bool), u64)>,
+            key: (SessionKind, &'a str, bool),
+        ) {
+            match tally.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => tally.push((key, 1)),
+            }
+        }
+        let mut tally = Vec::new();
         for (_, _, p, service) in self.process_sessions() {
             let key = (
                 SessionKind::Process,
                 service.name.as_str(),
                 p.exited.is_some(),
             );
-            *tally.entry(key).or_default() += 1;
+            count(&mut tally, key);
         }
         for c in self.conns.values() {
             let key = (
@@ -337,7 +347,7 @@ impl Model {
                 c.service.as_str(),
                 c.death.is_some(),
             );
-            *tally.entry(key).or_default() += 1;
+            count(&mut tally, key);
         }
         tally
     }
@@ -791,12 +801,17 @@ impl Model {
             }
         });
         let keep: HashSet<String> = self.pins.values().map(|b| b.service.clone()).collect();
+        let before = self.conns.len();
         self.conns.retain(|_, c| match &c.death {
             None => true,
             Some(d) => now.saturating_sub(d.at) < RETENTION && keep.contains(&c.service),
         });
-        let conns = &self.conns;
-        self.socks.retain(|_, k| conns.contains_key(k));
+        // Sockets are entered with their connection, so only a connection dropped here can
+        // leave one behind: at rest, no second pass over every socket (hashing each key).
+        if self.conns.len() != before {
+            let conns = &self.conns;
+            self.socks.retain(|_, k| conns.contains_key(k));
+        }
         let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
         self.noticed_dead.retain(|id, _| pinned.contains(id));
         self.reparented.retain(|id, _| live_holders.contains(id));
