@@ -7,6 +7,7 @@ use crate::{
     Opts,
     core::{DEVICE, daemon},
     report::{Report, fmt, ratio},
+    util::cpu_seconds,
 };
 
 /// wrk's requests/s and its p50/p99 latency (ms).
@@ -63,12 +64,20 @@ pub fn run(opts: &Opts, rep: &mut Report) {
     ] {
         let mut off = Vec::new();
         let mut on = Vec::new();
+        // The daemon's CPU seconds and the requests served, over its rounds.
+        let mut cost = (0.0, 0.0);
         for _ in 0..rounds {
             for daemon_on in [false, true] {
                 let d = daemon_on.then(|| reclaimd.clone().start());
                 std::thread::sleep(Duration::from_millis(500));
+                let cpu0 = d.as_ref().map(|d| cpu_seconds(d.pid()));
                 let r = wrk(&url, secs, extra);
-                if let Some(d) = d {
+                if let (Some(d), Some(cpu0)) = (d, cpu0) {
+                    let cpu = cpu_seconds(d.pid()) - cpu0;
+                    if let Some(r) = &r {
+                        cost.0 += cpu;
+                        cost.1 += r.0 * secs as f64;
+                    }
                     d.stop();
                 }
                 let Some(r) = r else {
@@ -90,7 +99,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
                 if daemon_on { &mut on } else { &mut off }.push(r);
             }
         }
-        table.push((label, off, on));
+        table.push((label, off, on, cost));
     }
     let _ = server.finish();
     rep.line(&format!(
@@ -106,7 +115,8 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
     };
     let mut ratios = Vec::new();
-    for (label, off, on) in &table {
+    let mut costs = Vec::new();
+    for (label, off, on, (cpu, requests)) in &table {
         for (state, v) in [("off", off), ("on", on)] {
             rep.line(&format!(
                 "| {label} | {state} | {} | {} ms | {} ms | {} |",
@@ -120,6 +130,17 @@ pub fn run(opts: &Opts, rep: &mut Report) {
             "{label}: on/off req/s {}",
             ratio(mean(on, |r| r.0), mean(off, |r| r.0))
         ));
+        let busy = 100.0 * cpu / (on.len().max(1) as f64 * secs as f64);
+        let per_request = 1e6 * cpu / requests.max(1.0);
+        costs.push(format!(
+            "{label}: {busy:.1} % of a core, {per_request:.1} µs per request"
+        ));
+        rep.value(&format!("http_daemon_cpu_percent {label}"), busy);
+        rep.value(&format!("http_daemon_us_per_request {label}"), per_request);
     }
     rep.line(&format!("\nRatio {}.\n", ratios.join("; ")));
+    rep.line(&format!(
+        "The daemon's own CPU (user + system) over its rounds: {}.\n",
+        costs.join("; ")
+    ));
 }
