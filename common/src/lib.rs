@@ -73,7 +73,10 @@ impl OwnerSource {
 /// One kernel event. A single fixed layout for every kind keeps the ring-buffer reader
 /// trivial; fields a kind does not use are zero.
 ///
-/// * `Fork`: `pid`/`tgid` the child, `ppid` the parent process, `comm` the parent's command.
+/// * `Fork`: `pid`/`tgid` the child, `ppid` the parent process, `comm` the parent's command
+///   (of the thread that forked), `start_ns` when the parent process started (its leader's
+///   `start_boottime`, ns since boot, as `/proc/PID/stat` derives its start time; 0 when
+///   unknown).
 /// * `Exit`: `pid` the last exiting thread, `tgid` the process, `exit_code` the raw wait
 ///   status (`code << 8`, or the signal number), `comm` the command.
 /// * `Tcp`: `sock` the kernel socket (stable session key), ports and addresses local (`s*`)
@@ -100,7 +103,8 @@ pub struct Event {
     pub old_state: u8,
     pub new_state: u8,
     pub detail: u8,
-    pub _pad: [u8; 11],
+    pub _pad: [u8; 3],
+    pub start_ns: u64,
     /// IPv4 addresses use the first four bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -124,7 +128,8 @@ impl Event {
             old_state: 0,
             new_state: 0,
             detail: 0,
-            _pad: [0; 11],
+            _pad: [0; 3],
+            start_ns: 0,
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; COMM_LEN],
@@ -189,6 +194,9 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     pub task_group_leader: u32,
     pub task_start_time: u32,
+    /// `task_struct.start_boottime`, what `/proc/PID/stat` derives a start time from. 0:
+    /// unknown.
+    pub task_start_boottime: u32,
     /// How the exit program tells a process's death from a thread's: an [`exit_filter`]
     /// value. `NONE` keeps the program silent.
     pub exit_filter: u32,
@@ -392,6 +400,7 @@ impl KernelOffsets {
             signal_live: 0,
             task_group_leader: 0,
             task_start_time: 0,
+            task_start_boottime: 0,
             exit_filter: exit_filter::NONE,
             exit_group_dead: 0,
             sock_sk_err: 0,
@@ -440,4 +449,4 @@ mod pod {
 // Layouts are ABI between kernel and user space: catch accidental changes at compile time.
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);

@@ -74,7 +74,11 @@ pub enum KernelEvent {
         ts_ns: u64,
         pid: u32,
         ppid: u32,
+        /// The forking thread's name: the parent's as it is at the fork.
         comm: String,
+        /// When the parent started, in `/proc/PID/stat`'s clock ticks since boot (its
+        /// start time), if the kernel said.
+        parent_start: Option<u64>,
     },
     Exit {
         ts_ns: u64,
@@ -137,6 +141,13 @@ fn socket(ev: &Event) -> Result<Socket, DecodeError> {
     })
 }
 
+/// Nanoseconds since boot in `/proc/PID/stat`'s unit, clock ticks (USER_HZ): the kernel
+/// divides the same way (`nsec_to_clock_t`).
+fn boot_ns_to_ticks(ns: u64) -> u64 {
+    let per_tick = 1_000_000_000 / rustix::param::clock_ticks_per_second().max(1);
+    ns / per_tick.max(1)
+}
+
 impl KernelEvent {
     /// Decodes one ring-buffer record.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -157,6 +168,7 @@ impl KernelEvent {
                 pid: ev.tgid,
                 ppid: ev.ppid,
                 comm: comm(&ev.comm),
+                parent_start: (ev.start_ns != 0).then(|| boot_ns_to_ticks(ev.start_ns)),
             },
             EventKind::Exit => Self::Exit {
                 ts_ns: ev.ts_ns,
@@ -213,8 +225,13 @@ impl KernelEvent {
     pub fn to_json(&self, recv_ns: u64) -> Value {
         let mut v = match self {
             Self::Fork {
-                pid, ppid, comm, ..
-            } => json!({ "pid": pid, "tgid": pid, "ppid": ppid, "comm": comm }),
+                pid,
+                ppid,
+                comm,
+                parent_start,
+                ..
+            } => json!({ "pid": pid, "tgid": pid, "ppid": ppid, "comm": comm,
+                         "parent_start": parent_start }),
             Self::Exit {
                 pid,
                 tgid,

@@ -390,8 +390,10 @@ impl Model {
                 pid,
                 ppid,
                 comm,
+                parent_start,
                 ts_ns,
             } => {
+                self.learn_parent(*ppid, comm, *parent_start, *ts_ns);
                 // A child starts as a copy of its parent: same executable and cgroup.
                 let parent = self.procs.get(ppid).cloned();
                 self.procs.insert(
@@ -655,6 +657,30 @@ impl Model {
         self.pins.insert(holder, b.clone());
         self.new_pins.push((holder, b.clone()));
         Some(b)
+    }
+
+    /// What a fork record says of the parent, kept where /proc was never read for it (the
+    /// engine reads /proc first, while the parent lives): its name as it forks (perhaps set
+    /// after its own exec, by prctl) and its start time. A server killed before user space
+    /// could read /proc is then still its workers' service root.
+    fn learn_parent(&mut self, ppid: u32, comm: &str, start: Option<u64>, ts: Ns) {
+        let Some(start) = start.filter(|_| ppid != 0) else {
+            return;
+        };
+        let p = self.procs.entry(ppid).or_insert_with(|| Proc {
+            start_time: None,
+            ppid: 0,
+            comm: String::new(),
+            exe: None,
+            cgroup: None,
+            cmdline: None,
+            since: ts,
+            exited: None,
+        });
+        if p.start_time.is_none() {
+            p.start_time = Some(start);
+            comm.clone_into(&mut p.comm);
+        }
     }
 
     /// Whether /proc has never been read for `pid` (its facts are its parent's, from the fork).
@@ -944,6 +970,54 @@ mod tests {
         }
     }
 
+    /// The server renamed itself after exec (prctl) and was killed before /proc could be
+    /// read for it: the fork record's name and start time make it its worker's root.
+    #[test]
+    fn a_parent_never_read_is_known_from_its_fork_record() {
+        let mut m = Model::new(vec![svc("llm", "llm-server", Scope::Process, vec![])]);
+        m.observe_procs(&[facts(1, 0, 1, "systemd"), facts(90, 1, 40, "sh")], 10);
+        // The shell forks the server (comm "sh" until its exec and prctl).
+        m.apply(&KernelEvent::Fork {
+            ts_ns: 15,
+            pid: 100,
+            ppid: 90,
+            comm: "sh".into(),
+            parent_start: Some(40),
+        });
+        assert!(m.needs_facts(100));
+        m.apply(&KernelEvent::Fork {
+            ts_ns: 20,
+            pid: 200,
+            ppid: 100,
+            comm: "llm-server".into(),
+            parent_start: Some(50),
+        });
+        m.apply(&exit(100, 21, ExitStatus::Signal(9)));
+        m.observe_proc(&facts(200, 100, 60, "worker"), 22);
+        let worker = ProcId {
+            pid: 200,
+            start_time: 60,
+        };
+        let b = m.bind(worker).expect("bound through the fork record");
+        let root = ProcId {
+            pid: 100,
+            start_time: 50,
+        };
+        assert_eq!((b.service.as_str(), b.root), ("llm", root));
+        let death = m.process_death(root, 30).expect("dead");
+        assert_eq!(death.cause, "killed by signal 9");
+        // A parent /proc was read for keeps what /proc said.
+        m.apply(&KernelEvent::Fork {
+            ts_ns: 25,
+            pid: 91,
+            ppid: 90,
+            comm: "renamed".into(),
+            parent_start: Some(41),
+        });
+        let sh = &m.procs[&90];
+        assert_eq!((sh.comm.as_str(), sh.start_time), ("sh", Some(40)));
+    }
+
     #[test]
     fn worker_is_bound_to_its_server_and_dies_with_it() {
         let mut m = Model::new(vec![svc("llm", "server", Scope::Process, vec![])]);
@@ -956,6 +1030,7 @@ mod tests {
             pid: 200,
             ppid: 100,
             comm: "server".into(),
+            parent_start: None,
         });
         m.observe_proc(&facts(200, 100, 60, "worker"), 21);
         let worker = ProcId {
@@ -1033,6 +1108,7 @@ mod tests {
             pid: 20,
             ppid: 10,
             comm: "server".into(),
+            parent_start: None,
         });
         m.observe_procs(&[facts(10, 1, 2, "server")], 100);
         m.observe_proc(&facts(20, 10, 7, "server"), 160);
@@ -1194,6 +1270,7 @@ mod tests {
                     pid,
                     ppid: 10,
                     comm: "server".into(),
+                    parent_start: None,
                 });
                 m.apply(&exit(pid, t + 3, ExitStatus::Code(0)));
                 t += 10;

@@ -163,11 +163,14 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     if pid != tgid {
         return Ok(()); // a new thread, not a new process
     }
-    let ppid = match read::<*const u8>(child, off.task_real_parent) {
-        Ok(parent) => read::<u32>(parent, off.task_tgid).unwrap_or(0),
+    let (ppid, parent_start) = match read::<*const u8>(child, off.task_real_parent) {
+        Ok(parent) => (
+            read::<u32>(parent, off.task_tgid).unwrap_or(0),
+            process_start(parent, &off),
+        ),
         Err(_) => {
             debug!(ctx, "fork {}: real_parent unreadable", pid);
-            0
+            (0, 0)
         }
     };
     let mut ev = Event::zeroed();
@@ -176,11 +179,24 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     ev.pid = pid;
     ev.tgid = tgid;
     ev.ppid = ppid;
+    ev.start_ns = parent_start;
     ev.comm = current_comm();
     // At once: user space reads a parent's name from /proc at its first fork (set after
     // exec, by prctl), which a parent killed a moment later would take with it.
     emit(&ev, Wake::Urgent);
     Ok(())
+}
+
+/// When the process of `task` started, as `/proc/PID/stat` derives it: its leader's
+/// `start_boottime` (ns since boot). With the parent's name in the fork record, user space
+/// knows a parent killed before it could read `/proc`. 0 when unknown.
+fn process_start(task: *const u8, off: &KernelOffsets) -> u64 {
+    if off.task_start_boottime == 0 || off.task_group_leader == 0 {
+        return 0;
+    }
+    read::<*const u8>(task, off.task_group_leader)
+        .and_then(|leader| read::<u64>(leader, off.task_start_boottime))
+        .unwrap_or(0)
 }
 
 /// The death of a process: the exit of its last thread, which need not be its leader (a

@@ -108,6 +108,7 @@ mod layout {
     pub const OLD_STATE: usize = 42;
     pub const NEW_STATE: usize = 43;
     pub const DETAIL: usize = 44;
+    pub const START: usize = 48;
     pub const SADDR: usize = 56;
     pub const DADDR: usize = 72;
     pub const COMM: usize = 88;
@@ -212,10 +213,14 @@ fn check_record(b: &[u8]) -> Result<(), TestCaseError> {
                 pid,
                 ppid,
                 comm,
+                parent_start,
             }) => {
                 prop_assert_eq!(ts_ns, ts);
                 prop_assert_eq!(pid, u32_at(b, layout::TGID));
                 prop_assert_eq!(ppid, u32_at(b, layout::PPID));
+                // 0 is unknown; else ns since boot in clock ticks (100 per second here).
+                let start = u64_at(b, layout::START);
+                prop_assert_eq!(parent_start, (start != 0).then_some(start / 10_000_000));
                 check_comm(b, &comm)?;
             }
             other => prop_assert!(false, "kind 1 decoded as {other:?}"),
@@ -394,6 +399,7 @@ fn encode(m: &Msg, ts: u64, filler: u8) -> (Vec<u8>, Option<KernelEvent>) {
                 pid: d[2],
                 ppid: d[1],
                 comm: String::new(),
+                parent_start: None,
             }),
         ),
         Msg::Exit(d) => (

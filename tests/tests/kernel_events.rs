@@ -4,6 +4,7 @@ use std::{
     collections::HashSet,
     io::Read,
     net::{TcpListener, TcpStream},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -52,6 +53,10 @@ fn exit_carries_tgid_and_code_and_fork_the_parent() {
         "parent is this test process"
     );
     assert_eq!(fork["tgid"], pid);
+    // The parent's start time, read in the kernel, as /proc says it.
+    let me =
+        reclaimd::gpu::ProcStat::read(Path::new("/proc"), std::process::id()).expect("own stat");
+    assert_eq!(fork["parent_start"], me.start_time, "{fork}");
     assert!(u64_of(&fork, "ts_ns") < u64_of(&exit, "ts_ns"));
     tracer.stop_with(libc::SIGINT);
 }

@@ -610,3 +610,29 @@ fn a_burst_of_orphans_is_reclaimed_in_parallel_leaves_first() {
     d.stop();
     let _ = burst.server.finish();
 }
+
+/// The server is killed before the daemon reads the fork of its worker (the daemon is
+/// stopped meanwhile, so /proc no longer has the server when the event is read): the worker
+/// is bound through the fork record, which names the server as it forked (it renamed itself
+/// after exec, as a Python server sets its title) and says when it started. An orphan of
+/// its service, not a suspect.
+#[test]
+fn a_worker_whose_server_dies_before_its_fork_is_read_is_reclaimed() {
+    let gpu = FakeGpu::new(DEVICE);
+    let d = enforce(&gpu).start();
+    for _ in 0..3 {
+        // SAFETY: signalling the daemon this test started.
+        unsafe { libc::kill(d.pid() as i32, libc::SIGSTOP) };
+        let s = start_service(&gpu, "llm-server", 128, &[]);
+        kill(s.server.pid());
+        assert!(gone_within(s.server.pid(), WAIT), "the server did not die");
+        // SAFETY: as above.
+        unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) };
+        let r = wait_for_record(&d.ledger, s.worker, WAIT);
+        assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
+        assert_eq!(r.decision.service, "llm", "{r:#?}");
+        assert_eq!(r.decision.death_cause, "killed by signal 9", "{r:#?}");
+        let _ = s.server.finish();
+    }
+    d.stop();
+}

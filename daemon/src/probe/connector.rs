@@ -237,6 +237,7 @@ fn proc_event(ev: &[u8]) -> Option<KernelEvent> {
                 pid,
                 ppid,
                 comm: String::new(),
+                parent_start: None,
             })
         }
         PROC_EVENT_EXIT => {

@@ -244,7 +244,18 @@ fn fork(btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
     o.task_real_parent = btf
         .member_offset("task_struct", "real_parent")
         .map_err(text)?;
-    Ok(String::new())
+    // The parent's start in the fork record: optional (named start_boottime since Linux
+    // 5.5); without it, a parent killed before user space reads /proc loses its name.
+    o.task_group_leader = btf
+        .member_offset("task_struct", "group_leader")
+        .map_err(text)?;
+    match btf.member_offset("task_struct", "start_boottime") {
+        Ok(at) => {
+            o.task_start_boottime = at;
+            Ok(String::new())
+        }
+        Err(e) => Ok(format!("without the parent's start time ({e})")),
+    }
 }
 
 fn tcp(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
