@@ -364,9 +364,15 @@ impl Workload {
 
     /// The next output line, which must start with `prefix`; returns the rest.
     pub fn line(&self, prefix: &str) -> String {
+        self.line_within(prefix, Duration::from_secs(30))
+    }
+
+    /// As [`Workload::line`], waiting at most `limit`: for what takes long on a loaded
+    /// machine (tens of thousands of connects, each refused SYN retried after a second).
+    pub fn line_within(&self, prefix: &str, limit: Duration) -> String {
         let line = self
             .lines
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(limit)
             .unwrap_or_else(|e| panic!("workload said nothing (waiting for {prefix}): {e:?}"));
         line.strip_prefix(prefix)
             .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
