@@ -7,7 +7,7 @@ use crate::{
     Opts,
     core::{DEVICE, daemon},
     report::{Report, fmt, ratio},
-    util::cpu_seconds,
+    util::{Stamped, cpu_seconds, which},
 };
 
 /// wrk's requests/s and its p50/p99 latency (ms).
@@ -43,12 +43,91 @@ fn wrk(url: &str, secs: u64, extra: &[&str]) -> Option<(f64, f64, f64)> {
     Some((rps, pct("50%"), pct("99%")))
 }
 
+/// Who watches the server during a round.
+#[derive(Clone, Copy, PartialEq)]
+enum Observer {
+    Nobody,
+    Daemon,
+    Tcplife,
+}
+
+impl Observer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Nobody => "off",
+            Self::Daemon => "on",
+            Self::Tcplife => "tcplife",
+        }
+    }
+}
+
+/// A running observer: the daemon, or tcplife under stdbuf.
+enum Watching {
+    Daemon(reclaimd_tests::Daemon),
+    Tcplife(Stamped),
+}
+
+impl Watching {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Daemon(d) => d.pid(),
+            Self::Tcplife(t) => t.pid(),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Daemon(d) => {
+                let _ = d.stop();
+            }
+            Self::Tcplife(t) => {
+                let _ = t.stop(libc::SIGINT);
+            }
+        }
+    }
+}
+
+/// The rounds of one request kind: wrk's results and, per observer, its CPU seconds and
+/// the requests served while it watched.
+#[derive(Default)]
+struct Rounds {
+    results: Vec<(Observer, (f64, f64, f64))>,
+    cost: Vec<(Observer, f64, f64)>,
+}
+
+impl Rounds {
+    fn of(&self, o: Observer) -> Vec<(f64, f64, f64)> {
+        self.results
+            .iter()
+            .filter(|(w, _)| *w == o)
+            .map(|(_, r)| *r)
+            .collect()
+    }
+
+    /// % of a core and µs per request, over the observer's rounds.
+    fn cost_of(&self, o: Observer, secs: u64) -> Option<(f64, f64)> {
+        let mine: Vec<_> = self.cost.iter().filter(|(w, ..)| *w == o).collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let cpu: f64 = mine.iter().map(|(_, c, _)| c).sum();
+        let requests: f64 = mine.iter().map(|(.., r)| r).sum();
+        let busy = 100.0 * cpu / (mine.len() as f64 * secs as f64);
+        Some((busy, 1e6 * cpu / requests.max(1.0)))
+    }
+}
+
 pub fn run(opts: &Opts, rep: &mut Report) {
     let (rounds, secs) = if opts.quick { (1, 3) } else { (3, 10) };
     rep.heading("Overhead on a served workload (HTTP under wrk)");
     if Command::new("wrk").arg("--version").output().is_err() {
         rep.line("wrk not found (apt-get install wrk): skipped.\n");
         return;
+    }
+    let tcplife = which(&["/usr/sbin/tcplife", "/usr/bin/tcplife"]).filter(|_| !opts.skip_peers);
+    let mut observers = vec![Observer::Nobody, Observer::Daemon];
+    if tcplife.is_some() {
+        observers.push(Observer::Tcplife);
     }
     let gpu = FakeGpu::new(DEVICE);
     let port = reclaimd_tests::free_port();
@@ -57,90 +136,100 @@ pub fn run(opts: &Opts, rep: &mut Report) {
     server.line("listening");
     let url = format!("http://{addr}/");
     let reclaimd = daemon(&gpu).service(connection_service("api", "api-http", &[port]));
+    let watch = |o: Observer| match (o, &tcplife) {
+        (Observer::Daemon, _) => Some(Watching::Daemon(reclaimd.clone().start())),
+        (Observer::Tcplife, Some(bin)) => {
+            let mut t = Stamped::spawn("stdbuf", &["-oL", bin, "-L", &port.to_string()]);
+            t.wait_for("PID", Duration::from_secs(30));
+            Some(Watching::Tcplife(t))
+        }
+        _ => None,
+    };
     let mut table = Vec::new();
     for (label, extra) in [
         ("keep-alive", &[][..]),
         ("Connection: close", &["-H", "Connection: close"][..]),
     ] {
-        let mut off = Vec::new();
-        let mut on = Vec::new();
-        // The daemon's CPU seconds and the requests served, over its rounds.
-        let mut cost = (0.0, 0.0);
+        let mut r = Rounds::default();
         for _ in 0..rounds {
-            for daemon_on in [false, true] {
-                let d = daemon_on.then(|| reclaimd.clone().start());
+            for &o in &observers {
+                let w = watch(o);
                 std::thread::sleep(Duration::from_millis(500));
-                let cpu0 = d.as_ref().map(|d| cpu_seconds(d.pid()));
-                let r = wrk(&url, secs, extra);
-                if let (Some(d), Some(cpu0)) = (d, cpu0) {
-                    let cpu = cpu_seconds(d.pid()) - cpu0;
-                    if let Some(r) = &r {
-                        cost.0 += cpu;
-                        cost.1 += r.0 * secs as f64;
+                let cpu0 = w.as_ref().map(|w| cpu_seconds(w.pid()));
+                let got = wrk(&url, secs, extra);
+                if let (Some(w), Some(cpu0)) = (w, cpu0) {
+                    if let Some(got) = &got {
+                        let cpu = cpu_seconds(w.pid()) - cpu0;
+                        r.cost.push((o, cpu, got.0 * secs as f64));
                     }
-                    d.stop();
+                    w.stop();
                 }
-                let Some(r) = r else {
+                let Some(got) = got else {
                     rep.line("wrk gave no result.\n");
                     continue;
                 };
-                eprintln!(
-                    "bench: http {label} daemon {}: {:.0} req/s",
-                    if daemon_on { "on" } else { "off" },
-                    r.0
-                );
-                rep.value(
-                    &format!(
-                        "http_rps {label} daemon_{}",
-                        if daemon_on { "on" } else { "off" }
-                    ),
-                    r.0,
-                );
-                if daemon_on { &mut on } else { &mut off }.push(r);
+                eprintln!("bench: http {label} {}: {:.0} req/s", o.name(), got.0);
+                rep.value(&format!("http_rps {label} {}", o.name()), got.0);
+                r.results.push((o, got));
             }
         }
-        table.push((label, off, on, cost));
+        table.push((label, r));
     }
     let _ = server.finish();
     rep.line(&format!(
         "A minimal HTTP/1.1 responder (`workload http`, a thread per connection) on loopback; \
-         `wrk -t2 -c32 -d{secs}s`, {rounds} alternation(s) daemon off / on (on: the server \
-         is a `scope = \"connection\"` service on its port, so its sockets pass the \
-         in-kernel port filter and every state change reaches the daemon). Mean of the \
-         rounds; latency is wrk's, mean of its per-round percentiles. wrk, the server and \
-         the daemon share the machine's cores.\n"
+         `wrk -t2 -c32 -d{secs}s`, {rounds} alternation(s) of: nobody watching (off), the \
+         daemon (on: the server is a `scope = \"connection\"` service on its port, so its \
+         sockets pass the in-kernel port filter), and tcplife on the port where installed \
+         (`-L PORT`, the peer that also sees every connection). Mean of the rounds; latency \
+         is wrk's, mean of its per-round percentiles. wrk, the server and the observer share \
+         the machine's cores.\n"
     ));
-    rep.line("| requests | daemon | req/s | latency p50 | latency p99 | rounds |\n|---|---|---|---|---|---|");
+    rep.line("| requests | observer | req/s | latency p50 | latency p99 | rounds |\n|---|---|---|---|---|---|");
     let mean = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
         v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
     };
     let mut ratios = Vec::new();
     let mut costs = Vec::new();
-    for (label, off, on, (cpu, requests)) in &table {
-        for (state, v) in [("off", off), ("on", on)] {
+    for (label, r) in &table {
+        for &o in &observers {
+            let v = r.of(o);
             rep.line(&format!(
-                "| {label} | {state} | {} | {} ms | {} ms | {} |",
-                fmt(mean(v, |r| r.0)),
-                fmt(mean(v, |r| r.1)),
-                fmt(mean(v, |r| r.2)),
+                "| {label} | {} | {} | {} ms | {} ms | {} |",
+                o.name(),
+                fmt(mean(&v, |r| r.0)),
+                fmt(mean(&v, |r| r.1)),
+                fmt(mean(&v, |r| r.2)),
                 v.len()
             ));
         }
-        ratios.push(format!(
-            "{label}: on/off req/s {}",
-            ratio(mean(on, |r| r.0), mean(off, |r| r.0))
-        ));
-        let busy = 100.0 * cpu / (on.len().max(1) as f64 * secs as f64);
-        let per_request = 1e6 * cpu / requests.max(1.0);
-        costs.push(format!(
-            "{label}: {busy:.1} % of a core, {per_request:.1} µs per request"
-        ));
-        rep.value(&format!("http_daemon_cpu_percent {label}"), busy);
-        rep.value(&format!("http_daemon_us_per_request {label}"), per_request);
+        let off = mean(&r.of(Observer::Nobody), |r| r.0);
+        for &o in observers.iter().skip(1) {
+            ratios.push(format!(
+                "{label}: {}/off req/s {}",
+                o.name(),
+                ratio(mean(&r.of(o), |r| r.0), off)
+            ));
+            if let Some((busy, per_request)) = r.cost_of(o, secs) {
+                costs.push(format!(
+                    "{label}, {}: {busy:.1} % of a core, {per_request:.1} µs per request",
+                    o.name()
+                ));
+                rep.value(
+                    &format!("http_observer_cpu_percent {label} {}", o.name()),
+                    busy,
+                );
+                rep.value(
+                    &format!("http_observer_us_per_request {label} {}", o.name()),
+                    per_request,
+                );
+            }
+        }
     }
     rep.line(&format!("\nRatio {}.\n", ratios.join("; ")));
     rep.line(&format!(
-        "The daemon's own CPU (user + system) over its rounds: {}.\n",
+        "The observer's own CPU in user space and system calls (its programs' kernel time is \
+         charged to the processes the tracepoints fire in) over its rounds: {}.\n",
         costs.join("; ")
     ));
 }
