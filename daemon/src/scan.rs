@@ -9,7 +9,7 @@ use std::{
 use reclaimd_common::TcpState;
 
 use crate::{
-    gpu::{LiveProc, ProcStat, fd_links},
+    gpu::{LiveProc, ProcStat, fd_links, procfs::pids},
     model::{ConnKey, ProcFacts},
 };
 
@@ -55,12 +55,8 @@ fn cmdline_in(dir: &Path) -> Option<String> {
 
 /// Facts of every live process.
 pub fn all_facts(proc_root: &Path) -> Vec<ProcFacts> {
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    pids(proc_root)
+        .into_iter()
         .filter_map(|pid| facts(proc_root, pid))
         .collect()
 }

@@ -103,6 +103,17 @@ fn running_thread(dir: &Path, leader: u32) -> Option<u32> {
         })
 }
 
+/// The pids in /proc (every process, none of their threads).
+pub fn pids(proc_root: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
+
 /// The open files of process `pid` (fd number, link target). An empty `fd` directory may be
 /// that of a leader that exited before its threads: then they are read through a thread that
 /// still runs.
@@ -187,17 +198,6 @@ impl DeviceFiles {
             .collect();
         fds.sort_by_key(|f| f.fd);
         fds
-    }
-
-    /// The pids in /proc.
-    pub fn pids(&self) -> Vec<u32> {
-        let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .collect()
     }
 }
 

@@ -29,7 +29,7 @@ impl FdWalk {
         listed: impl IntoIterator<Item = u32>,
         skip: u32,
     ) -> HashMap<u32, Vec<DeviceFd>> {
-        let present = files.pids();
+        let present = super::procfs::pids(files.proc_root());
         let wanted = self.plan(full, present, listed);
         let found: HashMap<u32, Vec<DeviceFd>> = wanted
             .into_iter()
