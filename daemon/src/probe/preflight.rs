@@ -249,12 +249,28 @@ fn fork(btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
     o.task_group_leader = btf
         .member_offset("task_struct", "group_leader")
         .map_err(text)?;
-    match btf.member_offset("task_struct", "start_boottime") {
+    Ok(optional_offset(
+        btf,
+        ("task_struct", "start_boottime"),
+        &mut o.task_start_boottime,
+        |e| format!("without the parent's start time ({e})"),
+    ))
+}
+
+/// An offset a capability works without: filled in when this kernel's BTF has the member,
+/// else left 0, and the capability's detail is what `without` makes of the error.
+fn optional_offset(
+    btf: &Btf,
+    (ty, member): (&str, &str),
+    slot: &mut u32,
+    without: impl FnOnce(String) -> String,
+) -> String {
+    match btf.member_offset(ty, member) {
         Ok(at) => {
-            o.task_start_boottime = at;
-            Ok(String::new())
+            *slot = at;
+            String::new()
         }
-        Err(e) => Ok(format!("without the parent's start time ({e})")),
+        Err(e) => without(e.to_string()),
     }
 }
 
@@ -271,13 +287,12 @@ fn tcp(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, Strin
             .map_err(text)?;
     }
     // Without it the capability still works; heartbeat timeouts then read as closes.
-    match btf.member_offset("sock", "sk_err") {
-        Ok(at) => {
-            o.sock_sk_err = at;
-            Ok(String::new())
-        }
-        Err(e) => Ok(format!("no close errors ({e}): timeouts read as closes")),
-    }
+    Ok(optional_offset(
+        btf,
+        ("sock", "sk_err"),
+        &mut o.sock_sk_err,
+        |e| format!("no close errors ({e}): timeouts read as closes"),
+    ))
 }
 
 fn accept(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
