@@ -24,6 +24,20 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
 }
 
+/// The watched local ports as a bitmap: `WATCHED_PORTS` is an array of [`ports::WORDS`]
+/// `u64` words, bit `port % 64` of word `port / 64`. An array lookup is inlined by the
+/// verifier, where a hash lookup hashes the key: the filter runs on every TCP state change
+/// of the host.
+pub mod ports {
+    /// Words in the bitmap: one bit for each of the 65536 ports.
+    pub const WORDS: u32 = 65536 / 64;
+
+    /// The word that holds `port`'s bit, and the bit.
+    pub const fn slot(port: u16) -> (u32, u64) {
+        ((port / 64) as u32, 1 << (port % 64))
+    }
+}
+
 /// What an [`Event`] reports; the discriminant travels as `Event::kind`.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +294,13 @@ pub mod tcp_state {
         super::TcpState::from_raw(state).name()
     }
 
+    /// Whether a change from `old` to `new` starts a socket's life: `connect` (SYN_SENT),
+    /// `listen` (LISTEN), or a listener's new child (its copy of LISTEN to SYN_RECV; a
+    /// simultaneous open enters SYN_RECV from SYN_SENT, the same life).
+    pub const fn starts_a_life(old: u8, new: u8) -> bool {
+        matches!((old, new), (_, SYN_SENT | LISTEN) | (LISTEN, SYN_RECV))
+    }
+
     /// States entered only through the owning process's own syscalls, so the current task
     /// in the tracepoint is the owner (connect, listen, close/shutdown).
     pub const fn entered_by_owner(state: u8) -> bool {
@@ -450,3 +471,43 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);
+
+#[cfg(test)]
+mod tests {
+    use super::{ports, tcp_state::*};
+
+    #[test]
+    fn a_life_starts_at_connect_listen_and_a_listeners_child_only() {
+        assert!(starts_a_life(CLOSE, SYN_SENT));
+        assert!(starts_a_life(CLOSE, LISTEN));
+        assert!(starts_a_life(LISTEN, SYN_RECV));
+        // A simultaneous open: the connecting socket's life (and owner) goes on.
+        assert!(!starts_a_life(SYN_SENT, SYN_RECV));
+        for (old, new) in [
+            (SYN_RECV, ESTABLISHED),
+            (SYN_SENT, ESTABLISHED),
+            (ESTABLISHED, FIN_WAIT1),
+            (ESTABLISHED, CLOSE_WAIT),
+            (FIN_WAIT2, CLOSE),
+            (LISTEN, CLOSE),
+        ] {
+            assert!(!starts_a_life(old, new), "{old} -> {new}");
+        }
+    }
+
+    #[test]
+    fn every_port_has_its_own_bit_inside_the_bitmap() {
+        assert_eq!(ports::slot(0), (0, 1));
+        assert_eq!(ports::slot(63), (0, 1 << 63));
+        assert_eq!(ports::slot(64), (1, 1));
+        assert_eq!(ports::slot(u16::MAX), (ports::WORDS - 1, 1 << 63));
+        let mut seen = [0u64; ports::WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, bit) = ports::slot(port);
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(seen[word as usize] & bit, 0, "port {port} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX));
+    }
+}

@@ -14,7 +14,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
@@ -22,7 +22,7 @@ use reclaimd_common::{
     AF_INET, AF_INET6, COMM_LEN, Event, EventKind, IPPROTO_TCP, KernelOffsets, OwnerSource,
     ProbeSettings, SockInfo, TcpState, exit_filter,
     layout::{SOCK_LENGTH_SK, SYS_EXIT_RET, set_state},
-    report, tcp_state,
+    ports, report, tcp_state,
 };
 
 /// Default size; user space may resize it before load (`EbpfLoader::map_max_entries`).
@@ -33,9 +33,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Local ports whose sockets are reported. Filled by user space; empty means no TCP events.
+/// Local ports whose sockets are reported, a bitmap (`reclaimd_common::ports`). Filled by
+/// user space; all zero means no TCP events.
 #[map]
-static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+static WATCHED_PORTS: Array<u64> = Array::with_max_entries(ports::WORDS, 0);
 
 /// Watched sockets by `struct sock` address. LRU so that a socket whose CLOSE transition
 /// was never seen cannot fill the map for ever.
@@ -96,6 +97,32 @@ fn offsets() -> KernelOffsets {
 fn read<T>(base: *const u8, off: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel faults safely on bad addresses.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()) }.map_err(i64::from)
+}
+
+/// Field `T` of a tracepoint's record at the constant `off`, loaded straight from the
+/// context: the verifier allows aligned loads inside the record, where
+/// `TracePointContext::read_at` makes a `bpf_probe_read_kernel` call per field (about half
+/// of inet_sock_set_state's run time, and it runs for every TCP state change of the host).
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: u32) -> T {
+    // SAFETY: `off` comes from `layout`, checked against this kernel's format file by user
+    // space before load; the verifier rejects a load outside the record or unaligned.
+    unsafe {
+        ctx.as_ptr()
+            .cast::<u8>()
+            .add(off as usize)
+            .cast::<T>()
+            .read()
+    }
+}
+
+/// A 16-byte field (an IPv6 address) at the 8-aligned `off`, as two aligned loads.
+#[inline(always)]
+fn field_16(ctx: &TracePointContext, off: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&field::<u64>(ctx, off).to_ne_bytes());
+    out[8..].copy_from_slice(&field::<u64>(ctx, off + 8).to_ne_bytes());
+    out
 }
 
 #[inline(always)]
@@ -273,102 +300,144 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+/// A state change of a socket on a watched port, as the record gives it.
+struct Change {
+    sk: u64,
+    sport: u16,
+    old_state: u8,
+    new_state: u8,
+}
+
+/// The change this record reports, when it is one of a TCP socket on a watched port.
+#[inline(always)]
+fn watched_change(ctx: &TracePointContext) -> Option<Change> {
     use set_state::*;
-    let at = |off: u32| off as usize;
-    // SAFETY (all read_at below): offsets checked against this kernel's format by user space.
-    let protocol: u16 = unsafe { ctx.read_at(at(PROTOCOL)) }?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+    if field::<u16>(ctx, PROTOCOL) != IPPROTO_TCP {
+        return None;
     }
-    let sport: u16 = unsafe { ctx.read_at(at(SPORT)) }?;
-    // SAFETY: value is a plain u8, read-only here.
-    if unsafe { WATCHED_PORTS.get(sport) }.is_none() {
-        return Ok(());
+    let sport: u16 = field(ctx, SPORT);
+    let (word, bit) = ports::slot(sport);
+    if WATCHED_PORTS.get(word).copied().unwrap_or(0) & bit == 0 {
+        return None;
     }
-    let sk: u64 = unsafe { ctx.read_at(at(SKADDR)) }?;
-    let old_state: i32 = unsafe { ctx.read_at(at(OLDSTATE)) }?;
-    let new_state: i32 = unsafe { ctx.read_at(at(NEWSTATE)) }?;
-    let dport: u16 = unsafe { ctx.read_at(at(DPORT)) }?;
-    let family: u16 = unsafe { ctx.read_at(at(FAMILY)) }?;
+    Some(Change {
+        sk: field(ctx, SKADDR),
+        sport,
+        old_state: field::<i32>(ctx, OLDSTATE) as u8,
+        new_state: field::<i32>(ctx, NEWSTATE) as u8,
+    })
+}
 
-    let mut ev = Event::zeroed();
+/// What the record says of the socket: its ports and addresses, no owner. None for a
+/// family that is neither IPv4 nor IPv6.
+#[inline(always)]
+fn from_record(ctx: &TracePointContext, change: &Change) -> Option<SockInfo> {
+    use set_state::*;
+    let mut info = SockInfo::zeroed();
+    let family: u16 = field(ctx, FAMILY);
     if family == AF_INET as u16 {
-        let s: [u8; 4] = unsafe { ctx.read_at(at(SADDR)) }?;
-        let d: [u8; 4] = unsafe { ctx.read_at(at(DADDR)) }?;
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
+        info.saddr[..4].copy_from_slice(&field::<u32>(ctx, SADDR).to_ne_bytes());
+        info.daddr[..4].copy_from_slice(&field::<u32>(ctx, DADDR).to_ne_bytes());
     } else if family == AF_INET6 as u16 {
-        ev.saddr = unsafe { ctx.read_at(at(SADDR_V6)) }?;
-        ev.daddr = unsafe { ctx.read_at(at(DADDR_V6)) }?;
+        info.saddr = field_16(ctx, SADDR_V6);
+        info.daddr = field_16(ctx, DADDR_V6);
     } else {
-        return Ok(());
+        return None;
     }
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.kind = EventKind::Tcp as u8;
-    ev.sock = sk;
-    ev.sport = sport;
-    ev.dport = dport;
-    ev.family = family as u8;
-    ev.old_state = old_state as u8;
-    ev.new_state = new_state as u8;
+    info.family = family as u8;
+    info.sport = change.sport;
+    info.dport = field(ctx, DPORT);
+    info.state = change.new_state;
+    Some(info)
+}
 
-    // SAFETY: the value is copied out at once.
-    let mut info = match unsafe { SOCKS.get(sk) } {
-        Some(known) => *known,
-        None => SockInfo::zeroed(),
+/// Keeps a socket's state in `SOCKS`, in place once known (an LRU insert costs more than a
+/// lookup), and sends user space only its birth and death, as libbpf-tools tcplife
+/// aggregates: the closing moves after the death change nothing user space decides on.
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let Some(change) = watched_change(ctx) else {
+        return Ok(());
+    };
+    let Some(mut seen) = from_record(ctx, &change) else {
+        return Ok(());
+    };
+    // A life starts (connect, listen, or a listener's new child): what `SOCKS` may hold at
+    // this address is a freed socket's whose CLOSE went unseen, owner and all.
+    let known = if tcp_state::starts_a_life(change.old_state, change.new_state) {
+        None
+    } else {
+        SOCKS.get_ptr_mut(change.sk)
+    };
+    let info: &mut SockInfo = match known {
+        Some(p) => {
+            // SAFETY: the map value stays valid for this program run; another CPU's write
+            // races only with another real change or owner of the same socket.
+            let info = unsafe { &mut *p };
+            // Every change takes the record's ports and addresses: a listener's child is
+            // traced first (LISTEN to SYN_RECV) with its listener's, before the kernel sets
+            // its own (`inet_csk_clone_lock`).
+            seen.owner_tgid = info.owner_tgid;
+            seen.owner_comm = info.owner_comm;
+            *info = seen;
+            info
+        }
+        None => &mut seen,
     };
     // Packet-driven transitions run in softirq (or, on loopback, in the peer's context), so
     // the current task is the owner only for states its own syscalls enter.
-    if tcp_state::entered_by_owner(ev.new_state) {
+    if tcp_state::entered_by_owner(change.new_state) {
         let (_, tgid) = current_ids();
         if info.owner_tgid != tgid {
             info.owner_tgid = tgid;
             info.owner_comm = current_comm();
         }
     }
-    info.sport = sport;
-    info.dport = dport;
-    info.family = ev.family;
-    info.state = ev.new_state;
-    info.saddr = ev.saddr;
-    info.daddr = ev.daddr;
+    let open = |s: u8| TcpState::from_raw(s).is_open();
+    let born = change.new_state == tcp_state::ESTABLISHED;
+    let died = open(change.old_state) && !open(change.new_state);
+    let closed = change.new_state == tcp_state::CLOSE;
+    if born || died || every_change() {
+        // SAFETY: the value is a plain u8, only tested for presence.
+        let bound = died && unsafe { BOUND.get(change.sk) }.is_some();
+        let wake = if bound { Wake::Urgent } else { Wake::Batched };
+        emit(&change_event(&change, info, closed), wake);
+    }
+    if closed {
+        let _ = BOUND.remove(change.sk);
+        let _ = SOCKS.remove(change.sk);
+    } else if known.is_none() {
+        let _ = SOCKS.insert(change.sk, *info, 0);
+    }
+    Ok(())
+}
+
+/// The record user space gets for a change of a watched socket.
+#[inline(always)]
+fn change_event(change: &Change, info: &SockInfo, closed: bool) -> Event {
+    let mut ev = Event::zeroed();
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::Tcp as u8;
+    ev.sock = change.sk;
+    ev.sport = info.sport;
+    ev.dport = info.dport;
+    ev.family = info.family;
+    ev.old_state = change.old_state;
+    ev.new_state = change.new_state;
+    ev.saddr = info.saddr;
+    ev.daddr = info.daddr;
     ev.owner_tgid = info.owner_tgid;
     ev.pid = info.owner_tgid;
     ev.tgid = info.owner_tgid;
     ev.comm = info.owner_comm;
-    if ev.new_state == tcp_state::CLOSE {
+    if closed {
         // Why the kernel closed it: set before the CLOSE transition by tcp_reset
         // (ECONNRESET) and tcp_write_err (ETIMEDOUT).
         let off = offsets();
         if off.valid != 0 && off.sock_sk_err != 0 {
-            ev.exit_code = read::<i32>(sk as *const u8, off.sock_sk_err).unwrap_or(0);
+            ev.exit_code = read::<i32>(change.sk as *const u8, off.sock_sk_err).unwrap_or(0);
         }
-        let _ = SOCKS.remove(sk);
-    } else {
-        let _ = SOCKS.insert(sk, info, 0);
     }
-    // One record per life, as libbpf-tools tcplife aggregates: its birth and its death;
-    // the closing moves after the death change nothing user space decides on.
-    let open = |s: u8| TcpState::from_raw(s).is_open();
-    let born = ev.new_state == tcp_state::ESTABLISHED;
-    let died = open(ev.old_state) && !open(ev.new_state);
-    // SAFETY: the value is a plain u8, only tested for presence.
-    let bound = unsafe { BOUND.get(sk) }.is_some();
-    if ev.new_state == tcp_state::CLOSE && bound {
-        let _ = BOUND.remove(sk);
-    }
-    if born || died || every_change() {
-        emit(
-            &ev,
-            if died && bound {
-                Wake::Urgent
-            } else {
-                Wake::Batched
-            },
-        );
-    }
-    Ok(())
+    ev
 }
 
 /// Records `tgid` as the owner of a watched socket and reports the change.
@@ -437,37 +506,25 @@ fn try_accept_exit<C: EbpfContext>(ctx: &C, ret: i64) -> Result<(), i64> {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    // SAFETY: fixed layout of syscall exit records.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET as usize) } {
-        let _ = try_accept_exit(&ctx, ret);
-    }
+    let _ = try_accept_exit(&ctx, field(&ctx, SYS_EXIT_RET));
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    // SAFETY: fixed layout of syscall exit records.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET as usize) } {
-        let _ = try_accept_exit(&ctx, ret);
-    }
+    let _ = try_accept_exit(&ctx, field(&ctx, SYS_EXIT_RET));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset checked against this kernel's format by user space.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK as usize) } {
-        set_owner(sk, OwnerSource::Io, -1);
-    }
+    set_owner(field(&ctx, SOCK_LENGTH_SK), OwnerSource::Io, -1);
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset checked against this kernel's format by user space.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_LENGTH_SK as usize) } {
-        set_owner(sk, OwnerSource::Io, -1);
-    }
+    set_owner(field(&ctx, SOCK_LENGTH_SK), OwnerSource::Io, -1);
     0
 }
 

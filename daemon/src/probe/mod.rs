@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use reclaimd_common::names;
@@ -107,7 +107,7 @@ pub struct Received {
 pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
-    watched: HashMap<MapData, u16, u8>,
+    watched: Array<MapData, u64>,
     /// The kernel's `BOUND` map, and what user space last put in it.
     bound: HashMap<MapData, u64, u8>,
     bound_now: std::collections::HashSet<u64>,
@@ -164,13 +164,10 @@ impl Probe {
             .load(OBJECT)?;
         start_program_logs(&mut ebpf);
 
-        let mut watched: HashMap<MapData, u16, u8> =
-            HashMap::try_from(take_map(&mut ebpf, names::WATCHED_PORTS)?)
-                .map_err(map_error(names::WATCHED_PORTS))?;
-        for port in &opts.watched_ports {
-            watched
-                .insert(port, 1, 0)
-                .map_err(map_error(names::WATCHED_PORTS))?;
+        let mut watched = Array::try_from(take_map(&mut ebpf, names::WATCHED_PORTS)?)
+            .map_err(map_error(names::WATCHED_PORTS))?;
+        for &port in &opts.watched_ports {
+            watch(&mut watched, port)?;
         }
         let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
             .map_err(map_error(names::DROPS))?;
@@ -271,10 +268,20 @@ impl Probe {
 
     /// Starts reporting sockets on local `port`.
     pub fn watch_port(&mut self, port: u16) -> Result<(), ProbeError> {
-        self.watched
-            .insert(port, 1, 0)
-            .map_err(map_error(names::WATCHED_PORTS))
+        watch(&mut self.watched, port)
     }
+}
+
+/// Sets `port`'s bit in the kernel's port bitmap (`reclaimd_common::ports`). Only this
+/// process writes the map, so reading the word and writing it back loses no other bit.
+fn watch(bitmap: &mut Array<MapData, u64>, port: u16) -> Result<(), ProbeError> {
+    let (word, bit) = reclaimd_common::ports::slot(port);
+    let now = bitmap
+        .get(&word, 0)
+        .map_err(map_error(names::WATCHED_PORTS))?;
+    bitmap
+        .set(word, now | bit, 0)
+        .map_err(map_error(names::WATCHED_PORTS))
 }
 
 /// Appends every event `ring` holds to `out`, counting malformed records.
