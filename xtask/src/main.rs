@@ -93,7 +93,7 @@ enum Cmd {
         /// Measure reclaimd only, no peer tools.
         #[arg(long)]
         skip_peers: bool,
-        /// Only these sections, comma-separated: core, rest, burst, exits, serve, churn, drops.
+        /// Only these sections, comma-separated: core, rest, burst, exits, serve, churn, cost, drops.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -319,9 +319,16 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         &format!("rss_kib after {} cycles", c.made - c.failed),
         rss1 as f64,
     );
-    // Each observer alone: the daemon above is stopped.
-    per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
     at_rest_among_time_wait(opts, rep, &gpu);
+}
+
+/// The `cost` section: per watched connection, the daemon's CPU and its programs' kernel
+/// time, beside tcplife's.
+pub fn cost(opts: &Opts, rep: &mut Report) {
+    let (_watched_sink, watched) = sink("churn-sink");
+    let gpu = FakeGpu::new(DEVICE);
+    let tcplife = which(&["/usr/sbin/tcplife", "/usr/bin/tcplife"]).filter(|_| !opts.skip_peers);
+    per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
 }
 
 /// The host's TIME_WAIT sockets (`/proc/net/sockstat`, `tw`).

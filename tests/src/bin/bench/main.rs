@@ -8,8 +8,8 @@
 //! Flags: --runs N (reclaimd time-to-reclaim runs, 300), --peer-runs N (reaper runs, 30),
 //! --sessions N (live sessions for the memory table, 10000), --cycles N (connection
 //! sessions churned for the memory-after-churn row, 1000000), --quick (a short smoke
-//! version), --skip-peers (reclaimd only), --only SECTION[,SECTION] (core, burst, exits,
-//! serve, churn, drops), --out DIR.
+//! version), --skip-peers (reclaimd only), --only SECTION[,SECTION] (core, rest, burst,
+//! exits, serve, churn, cost, drops), --out DIR.
 use std::path::{Path, PathBuf};
 
 use reclaimd_tests::alive;
@@ -50,6 +50,10 @@ const SECTIONS: &[(&str, &str, Section)] = &[
     }),
     ("churn", "connection churn", |o, r| {
         churn::run(o, r);
+        0
+    }),
+    ("cost", "cost per watched connection", |o, r| {
+        churn::cost(o, r);
         0
     }),
     ("drops", "event drops", |o, r| {

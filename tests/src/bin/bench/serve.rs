@@ -6,6 +6,7 @@ use reclaimd_tests::{FakeGpu, Workload, connection_service};
 use crate::{
     Opts,
     core::{DEVICE, daemon},
+    kstats,
     report::{Report, fmt, ratio},
     util::{Stamped, cpu_seconds, which},
 };
@@ -87,12 +88,20 @@ impl Watching {
     }
 }
 
-/// The rounds of one request kind: wrk's results and, per observer, its CPU seconds and
+/// What an observer cost over one round: its CPU seconds, its programs' kernel time, and
 /// the requests served while it watched.
+struct Cost {
+    observer: Observer,
+    cpu: f64,
+    programs: Vec<(String, u64, u64)>,
+    requests: f64,
+}
+
+/// The rounds of one request kind: wrk's results and what each observer cost.
 #[derive(Default)]
 struct Rounds {
     results: Vec<(Observer, (f64, f64, f64))>,
-    cost: Vec<(Observer, f64, f64)>,
+    cost: Vec<Cost>,
 }
 
 impl Rounds {
@@ -106,14 +115,31 @@ impl Rounds {
 
     /// % of a core and µs per request, over the observer's rounds.
     fn cost_of(&self, o: Observer, secs: u64) -> Option<(f64, f64)> {
-        let mine: Vec<_> = self.cost.iter().filter(|(w, ..)| *w == o).collect();
+        let mine: Vec<_> = self.cost.iter().filter(|c| c.observer == o).collect();
         if mine.is_empty() {
             return None;
         }
-        let cpu: f64 = mine.iter().map(|(_, c, _)| c).sum();
-        let requests: f64 = mine.iter().map(|(.., r)| r).sum();
+        let cpu: f64 = mine.iter().map(|c| c.cpu).sum();
+        let requests: f64 = mine.iter().map(|c| c.requests).sum();
         let busy = 100.0 * cpu / (mine.len() as f64 * secs as f64);
         Some((busy, 1e6 * cpu / requests.max(1.0)))
+    }
+
+    /// Per program of the observer's: runs and kernel ns per request, over its rounds.
+    fn kernel_of(&self, o: Observer) -> Vec<(String, f64, f64)> {
+        let mine: Vec<_> = self.cost.iter().filter(|c| c.observer == o).collect();
+        let requests: f64 = mine.iter().map(|c| c.requests).sum::<f64>().max(1.0);
+        let mut sums: Vec<(String, u64, u64)> = Vec::new();
+        for (prog, ns, runs) in mine.iter().flat_map(|c| &c.programs) {
+            match sums.iter_mut().find(|s| &s.0 == prog) {
+                Some(s) => (s.1, s.2) = (s.1 + ns, s.2 + runs),
+                None => sums.push((prog.clone(), *ns, *runs)),
+            }
+        }
+        sums.sort_by_key(|s| std::cmp::Reverse(s.1));
+        sums.into_iter()
+            .map(|(prog, ns, runs)| (prog, runs as f64 / requests, ns as f64 / requests))
+            .collect()
     }
 }
 
@@ -145,6 +171,8 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         }
         _ => None,
     };
+    // The observers' programs' run time, from the kernel's statistics (on for this section).
+    let _stats = kstats::enable();
     let mut table = Vec::new();
     for (label, extra) in [
         ("keep-alive", &[][..]),
@@ -155,12 +183,18 @@ pub fn run(opts: &Opts, rep: &mut Report) {
             for &o in &observers {
                 let w = watch(o);
                 std::thread::sleep(Duration::from_millis(500));
-                let cpu0 = w.as_ref().map(|w| cpu_seconds(w.pid()));
+                let before = w
+                    .as_ref()
+                    .map(|w| (cpu_seconds(w.pid()), kstats::sample(w.pid())));
                 let got = wrk(&url, secs, extra);
-                if let (Some(w), Some(cpu0)) = (w, cpu0) {
+                if let (Some(w), Some((cpu0, k0))) = (w, before) {
                     if let Some(got) = &got {
-                        let cpu = cpu_seconds(w.pid()) - cpu0;
-                        r.cost.push((o, cpu, got.0 * secs as f64));
+                        r.cost.push(Cost {
+                            observer: o,
+                            cpu: cpu_seconds(w.pid()) - cpu0,
+                            programs: kstats::delta(&k0, &kstats::sample(w.pid())),
+                            requests: got.0 * secs as f64,
+                        });
                     }
                     w.stop();
                 }
@@ -232,4 +266,34 @@ pub fn run(opts: &Opts, rep: &mut Report) {
          charged to the processes the tracepoints fire in) over its rounds: {}.\n",
         costs.join("; ")
     ));
+    kernel_table(rep, &table, &observers);
+}
+
+/// The observers' programs per request, from the kernel's BPF statistics: what the served
+/// processes paid in the kernel for being watched (their CPU is charged for it, not the
+/// observer's).
+fn kernel_table(rep: &mut Report, table: &[(&str, Rounds)], observers: &[Observer]) {
+    rep.line(
+        "Their programs' kernel time per request (the kernel's BPF statistics, on for this \
+         section; not counted: the tracepoints' own dispatch and, for a `syscalls` \
+         tracepoint, every system call's slower path while one is attached):\n",
+    );
+    rep.line("| requests | observer | program | runs per request | ns per request |\n|---|---|---|---|---|");
+    for (label, r) in table {
+        for &o in observers.iter().skip(1) {
+            for (prog, runs, ns) in r.kernel_of(o) {
+                rep.line(&format!(
+                    "| {label} | {} | {prog} | {} | {} |",
+                    o.name(),
+                    fmt(runs),
+                    fmt(ns)
+                ));
+                rep.value(
+                    &format!("http_kernel_ns_per_request {label} {} {prog}", o.name()),
+                    ns,
+                );
+            }
+        }
+    }
+    rep.line("");
 }
