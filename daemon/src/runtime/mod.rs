@@ -446,11 +446,13 @@ impl Runtime {
     fn on_events(&mut self, batch: &mut Vec<Received>) -> Urgency {
         let mut urgency = Urgency::None;
         self.events_seen += batch.len() as u64;
+        self.hands.metrics.events(
+            batch
+                .iter()
+                .map(|r| (r.event.kind(), r.recv_ns.saturating_sub(r.event.ts_ns()))),
+        );
         let mut procs = Procfs(&self.hands.proc_root);
         for r in batch.drain(..) {
-            self.hands
-                .metrics
-                .event(r.event.kind(), r.recv_ns.saturating_sub(r.event.ts_ns()));
             let now = clock::monotonic_ns();
             urgency = urgency.max(self.engine.on_event(&r.event, &mut procs, now));
         }
