@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use reclaimd_common::{AF_INET, AF_INET6, COMM_LEN, Event, EventKind, OwnerSource, TcpState};
 use serde_json::{Value, json};
+use smol_str::SmolStr;
 use thiserror::Error;
 
 /// A record that is not a well-formed event; it is counted and skipped, never acted on.
@@ -75,7 +76,7 @@ pub enum KernelEvent {
         pid: u32,
         ppid: u32,
         /// The forking thread's name: the parent's as it is at the fork.
-        comm: String,
+        comm: SmolStr,
         /// When the parent started, in `/proc/PID/stat`'s clock ticks since boot (its
         /// start time), if the kernel said.
         parent_start: Option<u64>,
@@ -86,7 +87,7 @@ pub enum KernelEvent {
         pid: u32,
         tgid: u32,
         status: ExitStatus,
-        comm: String,
+        comm: SmolStr,
     },
     Tcp {
         ts_ns: u64,
@@ -95,7 +96,7 @@ pub enum KernelEvent {
         new_state: TcpState,
         /// 0 while the owner is unknown.
         owner_tgid: u32,
-        owner_comm: String,
+        owner_comm: SmolStr,
         /// The socket's error (`sk_err`, an errno) on entering CLOSE; 0 when none or unknown.
         error: i32,
     },
@@ -107,13 +108,15 @@ pub enum KernelEvent {
         source: OwnerSource,
         /// The fd `accept` returned, for `OwnerSource::Accept`.
         fd: Option<i32>,
-        comm: String,
+        comm: SmolStr,
     },
 }
 
-fn comm(raw: &[u8; COMM_LEN]) -> String {
+/// A task's name, held inline (a `comm` is at most 15 bytes): decoding an event allocates
+/// nothing for it.
+fn comm(raw: &[u8; COMM_LEN]) -> SmolStr {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    SmolStr::new(String::from_utf8_lossy(&raw[..end]))
 }
 
 fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {

@@ -401,7 +401,7 @@ impl Model {
                     Proc {
                         start_time: None,
                         ppid: *ppid,
-                        comm: comm.clone(),
+                        comm: comm.to_string(),
                         exe: parent.as_ref().and_then(|p| p.exe.clone()),
                         cgroup: parent.as_ref().and_then(|p| p.cgroup.clone()),
                         cmdline: parent.and_then(|p| p.cmdline),
@@ -476,12 +476,13 @@ impl Model {
         if new == TcpState::Listen || old == TcpState::Listen {
             return false; // the listener, or a half-open request: not a session yet
         }
-        let name = service.name.clone();
         let heartbeat = service.heartbeat.is_some();
+        // The service's name is copied only for a new connection: most changes are of one
+        // already known.
         let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
             key: key.clone(),
             sock,
-            service: name,
+            service: service.name.clone(),
             opened_at: ts,
             owner_tgid: owner,
             death: None,
@@ -670,7 +671,7 @@ impl Model {
         let p = self.procs.entry(ppid).or_insert_with(|| Proc {
             start_time: None,
             ppid: 0,
-            comm: String::new(),
+            comm: Default::default(),
             exe: None,
             cgroup: None,
             cmdline: None,
@@ -966,7 +967,7 @@ mod tests {
             pid,
             tgid: pid,
             status,
-            comm: String::new(),
+            comm: Default::default(),
         }
     }
 
@@ -1167,7 +1168,7 @@ mod tests {
             old_state: TcpState::from_raw(old),
             new_state: TcpState::from_raw(new),
             owner_tgid: owner,
-            owner_comm: String::new(),
+            owner_comm: Default::default(),
             error: 0,
         }
     }

@@ -130,7 +130,7 @@ fn server_exit(secs: f64) -> KernelEvent {
         pid: SERVER.pid,
         tgid: SERVER.pid,
         status: ExitStatus::Signal(9),
-        comm: "llm-server".to_owned(),
+        comm: "llm-server".into(),
     }
 }
 

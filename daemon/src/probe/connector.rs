@@ -236,7 +236,7 @@ fn proc_event(ev: &[u8]) -> Option<KernelEvent> {
                 ts_ns,
                 pid,
                 ppid,
-                comm: String::new(),
+                comm: Default::default(),
                 parent_start: None,
             })
         }
@@ -250,7 +250,7 @@ fn proc_event(ev: &[u8]) -> Option<KernelEvent> {
                 pid,
                 tgid,
                 status: ExitStatus::from_raw(code as i32),
-                comm: String::new(),
+                comm: Default::default(),
             })
         }
         _ => None,
@@ -318,7 +318,7 @@ mod tests {
             pid,
             tgid,
             status: ExitStatus::Code(0),
-            comm: String::new(),
+            comm: Default::default(),
         };
         let mut deaths = GroupDeaths::default();
         let me = std::process::id();
