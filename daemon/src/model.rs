@@ -144,13 +144,19 @@ pub struct SessionInfo {
 /// Dead sessions are kept this long after their death, then dropped (invariant 5).
 pub const RETENTION: Ns = 120 * 1_000_000_000;
 
+/// A map the kernel's events reach several times each: hashed with foldhash (hashbrown's
+/// own default), not std's SipHash, which was a tenth of the daemon's time under connection
+/// churn. The keys are pids, socket addresses and 4-tuples the kernel reports, and foldhash
+/// is seeded per process.
+type EventMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 pub struct Model {
     services: Vec<Service>,
-    procs: HashMap<u32, Proc>,
-    conns: HashMap<ConnKey, Conn>,
+    procs: EventMap<u32, Proc>,
+    conns: EventMap<ConnKey, Conn>,
     /// Sockets of watched connections → their key, for transitions that carry only the sock.
-    socks: HashMap<u64, ConnKey>,
+    socks: EventMap<u64, ConnKey>,
     pins: HashMap<ProcId, Binding>,
     /// Roots found gone without an exit event (e.g. died while reclaimd was down).
     noticed_dead: HashMap<ProcId, Ns>,
@@ -263,9 +269,9 @@ impl Model {
     pub fn new(services: Vec<Service>) -> Self {
         Self {
             services,
-            procs: HashMap::new(),
-            conns: HashMap::new(),
-            socks: HashMap::new(),
+            procs: EventMap::default(),
+            conns: EventMap::default(),
+            socks: EventMap::default(),
             pins: HashMap::new(),
             noticed_dead: HashMap::new(),
             reparented: HashMap::new(),
