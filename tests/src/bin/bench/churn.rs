@@ -323,12 +323,13 @@ pub fn run(opts: &Opts, rep: &mut Report) {
 }
 
 /// The `cost` section: per watched connection, the daemon's CPU and its programs' kernel
-/// time, beside tcplife's.
+/// time, beside tcplife's; and what it adds to any system call.
 pub fn cost(opts: &Opts, rep: &mut Report) {
     let (_watched_sink, watched) = sink("churn-sink");
     let gpu = FakeGpu::new(DEVICE);
     let tcplife = which(&["/usr/sbin/tcplife", "/usr/bin/tcplife"]).filter(|_| !opts.skip_peers);
     per_connection(opts, rep, watched, &gpu, tcplife.as_deref());
+    crate::syscalls::run(opts, rep, &gpu, services(watched));
 }
 
 /// The host's TIME_WAIT sockets (`/proc/net/sockstat`, `tw`).

@@ -21,6 +21,7 @@ mod exits;
 mod kstats;
 mod report;
 mod serve;
+mod syscalls;
 mod util;
 
 pub struct Opts {

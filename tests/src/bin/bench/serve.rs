@@ -97,11 +97,41 @@ struct Cost {
     requests: f64,
 }
 
-/// The rounds of one request kind: wrk's results and what each observer cost.
+/// The whole machine over one round: CPU busy and idle (core-seconds), and requests served.
+struct Machine {
+    observer: Observer,
+    busy: f64,
+    idle: f64,
+    requests: f64,
+}
+
+/// Busy and idle core-seconds of the whole machine so far (`/proc/stat`'s `cpu` line: busy
+/// is user, nice, system, irq and softirq; idle is idle and iowait).
+fn machine_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6);
+    (busy as f64 / hz, (at(3) + at(4)) as f64 / hz)
+}
+
+/// The rounds of one request kind: wrk's results, what each observer cost, and the
+/// machine's CPU.
 #[derive(Default)]
 struct Rounds {
     results: Vec<(Observer, (f64, f64, f64))>,
     cost: Vec<Cost>,
+    machine: Vec<Machine>,
 }
 
 impl Rounds {
@@ -123,6 +153,18 @@ impl Rounds {
         let requests: f64 = mine.iter().map(|c| c.requests).sum();
         let busy = 100.0 * cpu / (mine.len() as f64 * secs as f64);
         Some((busy, 1e6 * cpu / requests.max(1.0)))
+    }
+
+    /// The machine's busy CPU per request (µs) and its idle share (%), over the rounds of `o`.
+    fn machine_of(&self, o: Observer) -> (f64, f64) {
+        let mine: Vec<_> = self.machine.iter().filter(|m| m.observer == o).collect();
+        let busy: f64 = mine.iter().map(|m| m.busy).sum();
+        let idle: f64 = mine.iter().map(|m| m.idle).sum();
+        let requests: f64 = mine.iter().map(|m| m.requests).sum();
+        (
+            1e6 * busy / requests.max(1.0),
+            100.0 * idle / (busy + idle).max(1e-9),
+        )
     }
 
     /// Per program of the observer's: runs and kernel ns per request, over its rounds.
@@ -194,7 +236,17 @@ pub fn run(opts: &Opts, rep: &mut Report) {
                 let before = w
                     .as_ref()
                     .map(|w| (cpu_seconds(w.pid()), kstats::sample(w.pid())));
+                let (busy0, idle0) = machine_seconds();
                 let got = wrk(&url, secs, extra);
+                let (busy1, idle1) = machine_seconds();
+                if let Some(got) = &got {
+                    r.machine.push(Machine {
+                        observer: o,
+                        busy: busy1 - busy0,
+                        idle: idle1 - idle0,
+                        requests: got.0 * secs as f64,
+                    });
+                }
                 if let (Some(w), Some((cpu0, k0))) = (w, before) {
                     if let Some(got) = &got {
                         r.cost.push(Cost {
@@ -275,7 +327,33 @@ pub fn run(opts: &Opts, rep: &mut Report) {
          charged to the processes the tracepoints fire in) over its rounds: {}.\n",
         costs.join("; ")
     ));
+    machine_table(rep, &table, &observers);
     kernel_table(rep, &table, &observers);
+}
+
+/// The whole machine's CPU per request and idle share under each observer: what a lower
+/// req/s is made of (more CPU per request, or cores left idle: wrk and the server waiting).
+fn machine_table(rep: &mut Report, table: &[(&str, Rounds)], observers: &[Observer]) {
+    rep.line(
+        "The whole machine over the same rounds (`/proc/stat`: busy is user, nice, system, \
+         irq and softirq time; idle is idle and iowait), per request served:\n",
+    );
+    rep.line("| requests | observer | machine CPU per request | idle |\n|---|---|---|---|");
+    for (label, r) in table {
+        for &o in observers {
+            let (per_request, idle) = r.machine_of(o);
+            rep.line(&format!(
+                "| {label} | {} | {} µs | {idle:.1} % |",
+                o.name(),
+                fmt(per_request)
+            ));
+            rep.value(
+                &format!("http_machine_us_per_request {label} {}", o.name()),
+                per_request,
+            );
+        }
+    }
+    rep.line("");
 }
 
 /// The observers' programs per request, from the kernel's BPF statistics: what the served
