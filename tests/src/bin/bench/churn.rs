@@ -112,7 +112,8 @@ pub fn run(opts: &Opts, rep: &mut Report) {
          for reclaimd the `new_state: CLOSE` event); reclaimd probe: kernel stamp → user \
          space, per event (every state change on the port); daemon: its \
          `reclaimd_kernel_event_latency_seconds{kind=\"tcp\"}` histogram over the run \
-         (bucket-interpolated). Each observer alone on its own churn run.\n",
+         (bucket-interpolated; one sample per read of the ring buffer, that read's longest \
+         wait, so n counts reads). Each observer alone on its own churn run.\n",
     );
     let tcplife = which(&["/usr/sbin/tcplife", "/usr/bin/tcplife"]);
     let rates: &[f64] = if opts.quick {

@@ -280,9 +280,10 @@ pub fn run(opts: &Opts, rep: &mut Report) {
          tracer read it from the ring buffer (`ts_ns` → `recv_ns`, per event).\n\
          - reclaimd daemon (`reclaimd run`, generator a configured service): its \
          `{LATENCY}{{kind=\"exit\"}}` histogram, kernel stamp → the daemon read it, over \
-         the run; quantiles interpolated within buckets (bounds 10, 50, 100, 250, 500 µs, \
-         1, 5, 10, 50, 100 ms), so they are estimates; it counts every exit on the machine \
-         in that time, not only the generator's. Drops: GetStatus `events_dropped` delta.\n\
+         the run, one sample per read of the ring buffer (that read's longest wait, so n \
+         counts reads); quantiles interpolated within buckets (bounds 10, 50, 100, 250, \
+         500 µs, 1, 5, 10, 50, 100 ms), so they are estimates; it covers every exit on the \
+         machine in that time, not only the generator's. Drops: GetStatus `events_dropped` delta.\n\
          - 1 s /proc poller: child's stamp → the first 1 s scan of /proc that no longer \
          lists the pid; its children live 1.1 s so that every one is alive at some scan.\n"
     ));
