@@ -8,7 +8,7 @@ use crate::{
     core::{DEVICE, daemon},
     kstats,
     report::{Report, fmt, ratio},
-    util::{Stamped, cpu_seconds, which},
+    util::{Stamped, cpu_seconds, ticks_per_second, which},
 };
 
 /// wrk's requests/s and its p50/p99 latency (ms).
@@ -119,8 +119,7 @@ fn machine_seconds() -> (f64, f64) {
         })
         .unwrap_or_default();
     let at = |i: usize| f.get(i).copied().unwrap_or(0);
-    // SAFETY: sysconf has no memory arguments.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = ticks_per_second();
     let busy = at(0) + at(1) + at(2) + at(5) + at(6);
     (busy as f64 / hz, (at(3) + at(4)) as f64 / hz)
 }

@@ -105,6 +105,12 @@ impl Drop for Stamped {
     }
 }
 
+/// The kernel's clock ticks per second, the unit of `/proc`'s CPU times.
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory arguments.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// utime + stime of `pid`, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -119,9 +125,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    // SAFETY: sysconf has no memory arguments.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (tick(11) + tick(12)) as f64 / hz
+    (tick(11) + tick(12)) as f64 / ticks_per_second()
 }
 
 /// VmRSS and VmHWM of `pid`, KiB.
