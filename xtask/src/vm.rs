@@ -192,18 +192,19 @@ impl Apt {
 
 /// The paths of the test binaries named in [`TESTS`], built for the host (they run in the
 /// guest from the same file system).
+///
+/// The build is the host run's own (`cargo test`, every default member), so after it nothing
+/// is compiled again: `-p reclaimd-tests` alone would unify dependency features differently and
+/// rebuild the daemon and every binary of the tests package. The compiler's messages go to
+/// stderr rendered, so a failed build says why (JSON on stdout would hide them).
 pub fn test_binaries() -> Result<Vec<PathBuf>> {
     let mut c = crate::cargo();
     c.args([
         "test",
         "--no-run",
-        "--message-format=json",
-        "-p",
-        "reclaimd-tests",
+        "--message-format=json-render-diagnostics",
     ]);
-    for t in TESTS {
-        c.args(["--test", t]);
-    }
+    c.stderr(std::process::Stdio::inherit());
     let text = output(&mut c)?;
     let mut found = Vec::new();
     for line in text.lines() {
@@ -211,7 +212,9 @@ pub fn test_binaries() -> Result<Vec<PathBuf>> {
             continue;
         };
         let name = v["target"]["name"].as_str().unwrap_or_default();
+        let integration_test = v["target"]["kind"][0] == "test";
         if v["reason"] == "compiler-artifact"
+            && integration_test
             && TESTS.contains(&name)
             && let Some(exe) = v["executable"].as_str()
         {
