@@ -95,7 +95,8 @@ enum Command {
         /// Only what the daemon reads: a connection's birth (ESTABLISHED), its owner, and
         /// its death (the first move out of an open state), the closing moves after it
         /// filtered in the kernel; events that need no action at once arrive in batches
-        /// (at most 50 ms late).
+        /// (at most 50 ms late). As the daemon, it learns owners at accept only where the
+        /// kernel cannot report them at a socket's first send or receive (before 6.3).
         #[arg(long)]
         lifecycle: bool,
     },

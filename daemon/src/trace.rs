@@ -135,13 +135,21 @@ impl Output<'_> {
                 .iter()
                 .map(|(c, why)| (c.name().to_owned(), json!(why)))
                 .collect();
+            let spared: serde_json::Map<String, serde_json::Value> = probe
+                .spared()
+                .iter()
+                .map(|(c, why)| (c.name().to_owned(), json!(why)))
+                .collect();
             let v = json!({ "kind": "ready", "ports": opts.watched_ports,
                             "ring_bytes": opts.ring_bytes, "capabilities": attached,
-                            "missing": missing });
+                            "missing": missing, "spared": spared });
             writeln!(self.stdout, "{v}")?;
         } else {
             for (c, why) in probe.missing() {
                 writeln!(self.stdout, "# cannot see {}: {why}", c.name())?;
+            }
+            for (c, why) in probe.spared() {
+                writeln!(self.stdout, "# left out {}: {why}", c.name())?;
             }
             writeln!(
                 self.stdout,

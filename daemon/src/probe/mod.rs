@@ -118,6 +118,8 @@ pub struct Probe {
     attached: Vec<(Capability, String)>,
     /// Capabilities this kernel cannot give, with why.
     missing: Vec<(Capability, String)>,
+    /// Capabilities left out by choice although the kernel has them, with why.
+    spared: Vec<(Capability, String)>,
     // Last: dropping it detaches the programs after the maps above are released.
     _ebpf: Ebpf,
 }
@@ -177,10 +179,17 @@ impl Probe {
             .map_err(map_error(names::EVENTS))?;
         let ring = readable(ring)?;
 
-        let (attached, missing) = attach_all(&mut ebpf, plan)?;
+        let Attached {
+            attached,
+            missing,
+            spared,
+        } = attach_all(&mut ebpf, plan, !opts.every_change)?;
         for (cap, why) in &missing {
             tracing::warn!(capability = cap.name(), reason = %why,
                 "kernel capability unavailable: made up for without eBPF");
+        }
+        for (cap, why) in &spared {
+            tracing::info!(capability = cap.name(), reason = %why, "capability left out");
         }
         tracing::info!(
             capabilities = %attached.iter().map(|(c, _)| c.name()).collect::<Vec<_>>().join(","),
@@ -198,6 +207,7 @@ impl Probe {
             malformed: 0,
             attached,
             missing,
+            spared,
             _ebpf: ebpf,
         })
     }
@@ -210,6 +220,11 @@ impl Probe {
     /// Capabilities this kernel could not give, with why.
     pub fn missing(&self) -> &[(Capability, String)] {
         &self.missing
+    }
+
+    /// Capabilities the kernel has but that were left out by choice, with why.
+    pub fn spared(&self) -> &[(Capability, String)] {
+        &self.spared
     }
 
     /// Waits until events are ready, then appends every available one to `out`. Returns how
@@ -319,32 +334,56 @@ fn list(missing: &[(Capability, String)]) -> String {
         .join("; ")
 }
 
+/// What [`attach_all`] did with each capability.
+struct Attached {
+    attached: Vec<(Capability, String)>,
+    missing: Vec<(Capability, String)>,
+    spared: Vec<(Capability, String)>,
+}
+
+/// Why `owner:accept` is left out where `owner:io` runs.
+const ACCEPT_SPARED: &str = "owner:io names each socket's owner at its first send or \
+    receive; a syscalls tracepoint would put every system call of the host on the kernel's \
+    traced path";
+
 /// Loads and attaches the programs of each capability the plan found ready. A capability
 /// whose program the kernel refuses is left out whole (its other programs detached), and so
-/// are the owner capabilities when tcp is left out. Fails when nothing is attached.
-#[allow(clippy::type_complexity)]
-fn attach_all(
-    ebpf: &mut Ebpf,
-    plan: preflight::Plan,
-) -> Result<(Vec<(Capability, String)>, Vec<(Capability, String)>), ProbeError> {
-    let mut attached = Vec::new();
-    let mut missing = plan.missing;
-    for (cap, detail) in plan.ready {
+/// are the owner capabilities when tcp is left out. With `lean`, `owner:accept` is spared
+/// where `owner:io` attached: the owner only names a connection's process (decisions bind
+/// holders through their fds), and its `syscalls` tracepoints tax every system call on the
+/// host, while `owner:io`'s run only on sockets. Fails when nothing is attached.
+fn attach_all(ebpf: &mut Ebpf, plan: preflight::Plan, lean: bool) -> Result<Attached, ProbeError> {
+    let mut done = Attached {
+        attached: Vec::new(),
+        missing: plan.missing,
+        spared: Vec::new(),
+    };
+    // owner:io first, so that whether it attached decides owner:accept.
+    let mut ready = plan.ready;
+    ready.sort_by_key(|(c, _)| *c == Capability::OwnerAccept);
+    for (cap, detail) in ready {
+        let has = |c: Capability, done: &Attached| done.attached.iter().any(|(a, _)| *a == c);
         let needs_tcp = matches!(cap, Capability::OwnerAccept | Capability::OwnerIo);
-        if needs_tcp && !attached.iter().any(|(c, _)| *c == Capability::Tcp) {
-            missing.push((cap, "needs the tcp capability".to_owned()));
+        if needs_tcp && !has(Capability::Tcp, &done) {
+            done.missing
+                .push((cap, "needs the tcp capability".to_owned()));
+            continue;
+        }
+        if lean && cap == Capability::OwnerAccept && has(Capability::OwnerIo, &done) {
+            done.spared.push((cap, ACCEPT_SPARED.to_owned()));
             continue;
         }
         match attach(ebpf, cap) {
-            Ok(()) => attached.push((cap, detail)),
-            Err(e) => missing.push((cap, e.to_string())),
+            Ok(()) => done.attached.push((cap, detail)),
+            Err(e) => done.missing.push((cap, e.to_string())),
         }
     }
-    missing.sort_by_key(|(c, _)| *c);
-    if attached.is_empty() {
-        return Err(ProbeError::NothingLoaded(list(&missing)));
+    done.attached.sort_by_key(|(c, _)| *c);
+    done.missing.sort_by_key(|(c, _)| *c);
+    if done.attached.is_empty() {
+        return Err(ProbeError::NothingLoaded(list(&done.missing)));
     }
-    Ok((attached, missing))
+    Ok(done)
 }
 
 /// Loads and attaches every program of `cap`; on a failure, unloads those already loaded.

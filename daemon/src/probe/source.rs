@@ -172,7 +172,7 @@ fn status(
         };
     }
     let why = ebpf
-        .and_then(|p| p.missing().iter().find(|(m, _)| *m == c))
+        .and_then(|p| p.missing().iter().chain(p.spared()).find(|(m, _)| *m == c))
         .map(|(_, why)| why.clone())
         .or_else(|| no_ebpf.map(str::to_owned))
         .unwrap_or_default();
