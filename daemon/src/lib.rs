@@ -5,6 +5,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod conn_tally;
 pub mod engine;
 pub mod event;
 pub mod gpu;

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::{
     config::{MatchKind, Scope, Service},
+    conn_tally::ConnTally,
     event::{ExitStatus, KernelEvent},
 };
 
@@ -155,6 +156,8 @@ pub struct Model {
     services: Vec<Service>,
     procs: EventMap<u32, Proc>,
     conns: EventMap<ConnKey, Conn>,
+    /// How many of `conns` each service has, live and dead.
+    conn_tally: ConnTally,
     /// Sockets of watched connections → their key, for transitions that carry only the sock.
     socks: EventMap<u64, ConnKey>,
     pins: HashMap<ProcId, Binding>,
@@ -271,6 +274,7 @@ impl Model {
             services,
             procs: EventMap::default(),
             conns: EventMap::default(),
+            conn_tally: ConnTally::default(),
             socks: EventMap::default(),
             pins: HashMap::new(),
             noticed_dead: HashMap::new(),
@@ -347,14 +351,11 @@ impl Model {
             );
             count(&mut tally, key);
         }
-        for c in self.conns.values() {
-            let key = (
-                SessionKind::Connection,
-                c.service.as_str(),
-                c.death.is_some(),
-            );
-            count(&mut tally, key);
-        }
+        tally.extend(
+            self.conn_tally
+                .iter()
+                .map(|(service, dead, n)| ((SessionKind::Connection, service, dead), n)),
+        );
         tally
     }
 
@@ -485,19 +486,23 @@ impl Model {
         let heartbeat = service.heartbeat.is_some();
         // The service's name is copied only for a new connection: most changes are of one
         // already known.
-        let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
-            key: key.clone(),
-            sock,
-            service: service.name.clone(),
-            opened_at: ts,
-            owner_tgid: owner,
-            death: None,
+        let conn = self.conns.entry(key.clone()).or_insert_with(|| {
+            self.conn_tally.entered(&service.name, false);
+            Conn {
+                key: key.clone(),
+                sock,
+                service: service.name.clone(),
+                opened_at: ts,
+                owner_tgid: owner,
+                death: None,
+            }
         });
         if owner != 0 {
             conn.owner_tgid = owner;
         }
         self.socks.insert(sock, key);
         if conn.death.is_none() && !new.is_open() {
+            self.conn_tally.died(&conn.service);
             conn.death = Some(Death {
                 at: ts,
                 cause: close_cause(new, error, heartbeat),
@@ -514,15 +519,19 @@ impl Model {
         };
         let dead = !state.is_open();
         let name = service.name.clone();
-        let conn = self.conns.entry(key.clone()).or_insert_with(|| Conn {
-            key,
-            sock: 0,
-            service: name,
-            opened_at: now,
-            owner_tgid: 0,
-            death: None,
+        let conn = self.conns.entry(key.clone()).or_insert_with(|| {
+            self.conn_tally.entered(&name, false);
+            Conn {
+                key,
+                sock: 0,
+                service: name,
+                opened_at: now,
+                owner_tgid: 0,
+                death: None,
+            }
         });
         if dead && conn.death.is_none() {
+            self.conn_tally.died(&conn.service);
             conn.death = Some(Death {
                 at: now,
                 cause: format!("found {}", state.name()),
@@ -539,6 +548,7 @@ impl Model {
             .values_mut()
             .filter(|c| c.death.is_none() && c.opened_at < scan_start && !present.contains(&c.key))
         {
+            self.conn_tally.died(&c.service);
             c.death = Some(Death {
                 at: scan_start,
                 cause: "connection gone (closing events lost)".to_owned(),
@@ -833,11 +843,22 @@ impl Model {
                     || (parents.contains(pid) && now.saturating_sub(e.at) < RETENTION)
             }
         });
+        // At rest no connection is dead: no pass over every connection.
+        if self.conn_tally.dead() == 0 {
+            return self.prune_rest(live_holders);
+        }
         let keep: HashSet<String> = self.pins.values().map(|b| b.service.clone()).collect();
         let before = self.conns.len();
+        let tally = &mut self.conn_tally;
         self.conns.retain(|_, c| match &c.death {
             None => true,
-            Some(d) => now.saturating_sub(d.at) < RETENTION && keep.contains(&c.service),
+            Some(d) => {
+                let stays = now.saturating_sub(d.at) < RETENTION && keep.contains(&c.service);
+                if !stays {
+                    tally.dropped_dead(&c.service);
+                }
+                stays
+            }
         });
         // Sockets are entered with their connection, so only a connection dropped here can
         // leave one behind: at rest, no second pass over every socket (hashing each key).
@@ -845,6 +866,11 @@ impl Model {
             let conns = &self.conns;
             self.socks.retain(|_, k| conns.contains_key(k));
         }
+        self.prune_rest(live_holders);
+    }
+
+    /// The pruning after the connections': what no pinned root or live holder names.
+    fn prune_rest(&mut self, live_holders: &HashSet<ProcId>) {
         let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
         self.noticed_dead.retain(|id, _| pinned.contains(id));
         self.reparented.retain(|id, _| live_holders.contains(id));
@@ -1180,8 +1206,12 @@ mod tests {
     }
 
     fn key(cport: u16) -> ConnKey {
+        key_on(8000, cport)
+    }
+
+    fn key_on(port: u16, cport: u16) -> ConnKey {
         ConnKey {
-            local: "127.0.0.1:8000".parse().unwrap(),
+            local: format!("127.0.0.1:{port}").parse().unwrap(),
             remote: format!("127.0.0.1:{cport}").parse().unwrap(),
         }
     }
@@ -1256,6 +1286,56 @@ mod tests {
             .map(|c| c.key.remote.port())
             .collect();
         assert_eq!(dead, vec![5001]);
+    }
+
+    /// The connections' counts the gauges and pruning read, kept as connections come and
+    /// go, against a count of the table.
+    fn recount(m: &Model) -> Vec<(&str, bool, u64)> {
+        let mut by: Vec<(&str, bool, u64)> = Vec::new();
+        for c in m.conns() {
+            let k = (c.service.as_str(), c.death.is_some());
+            match by.iter_mut().find(|(s, d, _)| (*s, *d) == k) {
+                Some((_, _, n)) => *n += 1,
+                None => by.push((k.0, k.1, 1)),
+            }
+        }
+        by.sort();
+        by
+    }
+
+    #[test]
+    fn the_connection_tally_matches_the_table_through_births_deaths_and_pruning() {
+        use reclaimd_common::tcp_state::*;
+        let mut m = Model::new(vec![
+            svc("llm", "server", Scope::Connection, vec![8000]),
+            svc("api", "api", Scope::Connection, vec![9000]),
+        ]);
+        fn tally(m: &Model) -> Vec<(&str, bool, u64)> {
+            let mut t: Vec<(&str, bool, u64)> = m
+                .session_tally()
+                .into_iter()
+                .filter(|((kind, _, _), _)| *kind == SessionKind::Connection)
+                .map(|((_, service, dead), n)| (service, dead, n))
+                .collect();
+            t.sort();
+            t
+        }
+        for i in 0..6u16 {
+            m.apply(&tcp(u64::from(i), 5000 + i, SYN_RECV, ESTABLISHED, 0, 1));
+        }
+        m.observe_conn(key_on(9000, 6000), TcpState::Established, 1);
+        m.observe_conn(key_on(9000, 6001), TcpState::CloseWait, 1);
+        assert_eq!(tally(&m), recount(&m));
+        m.apply(&tcp(0, 5000, ESTABLISHED, CLOSE_WAIT, 0, 2));
+        // A second closing move of the same connection is no second death.
+        m.apply(&tcp(0, 5000, CLOSE_WAIT, LAST_ACK, 0, 3));
+        let still = key(5001);
+        m.observe_conns_gone(&[&still].into_iter().collect(), 10);
+        assert_eq!(tally(&m), recount(&m));
+        m.prune(&HashSet::new(), 10 + RETENTION);
+        assert_eq!(tally(&m), recount(&m));
+        assert_eq!(m.conn_tally.dead(), 0);
+        assert!(!tally(&m).is_empty(), "the live ones remain counted");
     }
 
     #[test]
