@@ -18,6 +18,9 @@ pub mod names {
     /// Sockets bound to GPU holders (by `struct sock` address): their deaths wake user
     /// space at once. Filled by user space after each snapshot.
     pub const BOUND: &str = "BOUND";
+    /// One word: non-zero while the daemon's reader waits without a timer (it found the
+    /// ring empty), so that batched events wake it too. Written by user space only.
+    pub const READER: &str = "READER";
     /// A global (`.rodata`), not a map.
     pub const OFFSETS: &str = "OFFSETS";
     /// A global (`.rodata`), not a map.

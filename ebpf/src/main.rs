@@ -48,6 +48,11 @@ static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0)
 #[map]
 static BOUND: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
 
+/// Non-zero while the daemon's reader waits without its batch timer (it found the ring
+/// empty): a batched event then wakes it, so an idle daemon needs no timer to be prompt.
+#[map]
+static READER: Array<u32> = Array::with_max_entries(1, 0);
+
 /// A process across pid reuse: its tgid and its leader's start time.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -143,10 +148,16 @@ enum Wake {
 }
 
 #[inline(always)]
+fn reader_parked() -> bool {
+    READER.get(0).is_some_and(|v| *v != 0)
+}
+
+#[inline(always)]
 fn emit(ev: &Event, wake: Wake) {
     let flags = if every_change() {
         0 // the kernel's own policy: wake a reader that has caught up
     } else if wake == Wake::Urgent
+        || reader_parked()
         || EVENTS.query(BPF_RB_AVAIL_DATA) >= EVENTS.query(BPF_RB_RING_SIZE) / 4
     {
         BPF_RB_FORCE_WAKEUP

@@ -386,6 +386,33 @@ fn lifecycle_mode_reports_birth_owner_and_death_only(#[case] closer: Closer, #[c
     }
 }
 
+/// A reader that found the ring empty parks: it asks the kernel to wake it for any event,
+/// and looks by itself only every second. A connection after an idle spell is read at once,
+/// not at that look (had the kernel not woken it, each read would come ~800 ms late here:
+/// 1.2 s idle against a 1 s look).
+#[test]
+fn an_idle_reader_is_woken_by_the_next_event() {
+    let port = free_port(false);
+    let _listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut tracer = Tracer::start(&["--lifecycle", "--port", &port.to_string()]);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(1200));
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let cport = client.local_addr().unwrap().port();
+        let birth = tracer.expect("the connection's birth", WAIT, |v| {
+            is(v, "tcp")
+                && v["sport"] == port
+                && v["dport"] == cport
+                && v["new_state"] == "ESTABLISHED"
+        });
+        let late_ms = u64_of(&birth, "recv_ns").saturating_sub(u64_of(&birth, "ts_ns")) / 1_000_000;
+        assert!(
+            late_ms < 300,
+            "round {round}: read {late_ms} ms after the kernel wrote it: {birth}"
+        );
+    }
+}
+
 #[test]
 fn unwatched_port_produces_no_event() {
     let watched = free_port(false);

@@ -97,6 +97,10 @@ impl Default for ProbeOptions {
 /// holder is bound to) is read at most: the ring buffer is also drained on this timer.
 pub const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How long a parked reader (one that found the ring empty, and asked the kernel to wake
+/// it for any event) waits before it looks anyway: only a safety net, the kernel wakes it.
+const PARKED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An event and when user space got it (CLOCK_MONOTONIC ns, the clock of `ts_ns`).
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -113,6 +117,13 @@ pub struct Probe {
     bound_now: std::collections::HashSet<u64>,
     /// Wake-ups are batched ([`BATCH_WAIT`]): not in `every_change` mode.
     batched: bool,
+    /// The kernel's `READER` word: set while the reader is parked.
+    reader: Array<MapData, u32>,
+    parked: bool,
+    /// When a batched reader looks at the ring by itself next. Kept across calls: a read
+    /// cancelled by another branch of the caller's `select!` (a timer firing more often than
+    /// this wait) must not put the look off again.
+    look_at: Option<tokio::time::Instant>,
     malformed: u64,
     /// Capabilities whose programs are attached, with how they run.
     attached: Vec<(Capability, String)>,
@@ -175,6 +186,8 @@ impl Probe {
             .map_err(map_error(names::DROPS))?;
         let bound = HashMap::try_from(take_map(&mut ebpf, names::BOUND)?)
             .map_err(map_error(names::BOUND))?;
+        let reader = Array::try_from(take_map(&mut ebpf, names::READER)?)
+            .map_err(map_error(names::READER))?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(map_error(names::EVENTS))?;
         let ring = readable(ring)?;
@@ -204,6 +217,9 @@ impl Probe {
             bound,
             bound_now: Default::default(),
             batched: !opts.every_change,
+            reader,
+            parked: false,
+            look_at: None,
             malformed: 0,
             attached,
             missing,
@@ -232,16 +248,23 @@ impl Probe {
     /// skipped.
     ///
     /// In batched mode it also returns after [`BATCH_WAIT`] with what the kernel wrote
-    /// without waking it (possibly nothing).
+    /// without waking it (possibly nothing). A batch that finds nothing parks the reader:
+    /// the kernel then wakes it for the next event of any kind, so an idle daemon is not
+    /// woken 20 times a second for nothing, and the next batch with events unparks it.
     pub async fn read_batch(&mut self, out: &mut Vec<Received>) -> Result<usize, ProbeError> {
         let before = out.len();
-        let wait = if self.batched {
-            BATCH_WAIT
-        } else {
-            std::time::Duration::MAX
-        };
+        if !self.batched {
+            let mut guard = self.ring.readable_mut().await?;
+            drain(guard.get_inner_mut(), out, &mut self.malformed);
+            guard.clear_ready();
+            return Ok(out.len() - before);
+        }
+        let wait = if self.parked { PARKED_WAIT } else { BATCH_WAIT };
+        let look_at = *self
+            .look_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + wait);
         let malformed = &mut self.malformed;
-        match tokio::time::timeout(wait, self.ring.readable_mut()).await {
+        match tokio::time::timeout_at(look_at, self.ring.readable_mut()).await {
             Ok(guard) => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), out, malformed);
@@ -249,7 +272,25 @@ impl Probe {
             }
             Err(_) => drain(self.ring.get_mut(), out, malformed),
         }
+        self.look_at = None;
+        self.park(out.len() == before, out)?;
         Ok(out.len() - before)
+    }
+
+    /// Parks the reader after an empty batch, unparks it after one with events.
+    fn park(&mut self, parked: bool, out: &mut Vec<Received>) -> Result<(), ProbeError> {
+        if parked == self.parked {
+            return Ok(());
+        }
+        self.reader
+            .set(0, u32::from(parked), 0)
+            .map_err(map_error(names::READER))?;
+        self.parked = parked;
+        if parked {
+            // An event written between the last drain and the word did not wake anyone.
+            drain(self.ring.get_mut(), out, &mut self.malformed);
+        }
+        Ok(())
     }
 
     /// Keeps the kernel's `BOUND` map equal to `socks`: the sockets whose death must wake
