@@ -28,14 +28,9 @@ impl ConnTally {
         &mut self.counts[i].1
     }
 
-    /// A connection entered the table, alive (`dead`: already dead when first seen).
-    pub fn entered(&mut self, service: &str, dead: bool) {
-        let c = self.of(service);
-        if dead {
-            c.dead += 1;
-        } else {
-            c.live += 1;
-        }
+    /// A connection entered the table, alive (one found dead then dies at once).
+    pub fn entered(&mut self, service: &str) {
+        self.of(service).live += 1;
     }
 
     /// A connection in the table died.
@@ -73,9 +68,10 @@ mod tests {
     #[test]
     fn counts_follow_births_deaths_and_drops_per_service() {
         let mut t = ConnTally::default();
-        t.entered("api", false);
-        t.entered("api", false);
-        t.entered("llm", true);
+        t.entered("api");
+        t.entered("api");
+        t.entered("llm");
+        t.died("llm");
         t.died("api");
         assert_eq!(t.dead(), 2);
         let got: Vec<_> = t.iter().collect();

@@ -487,7 +487,7 @@ impl Model {
         // The service's name is copied only for a new connection: most changes are of one
         // already known.
         let conn = self.conns.entry(key.clone()).or_insert_with(|| {
-            self.conn_tally.entered(&service.name, false);
+            self.conn_tally.entered(&service.name);
             Conn {
                 key: key.clone(),
                 sock,
@@ -520,7 +520,7 @@ impl Model {
         let dead = !state.is_open();
         let name = service.name.clone();
         let conn = self.conns.entry(key.clone()).or_insert_with(|| {
-            self.conn_tally.entered(&name, false);
+            self.conn_tally.entered(&name);
             Conn {
                 key,
                 sock: 0,
@@ -844,9 +844,17 @@ impl Model {
             }
         });
         // At rest no connection is dead: no pass over every connection.
-        if self.conn_tally.dead() == 0 {
-            return self.prune_rest(live_holders);
+        if self.conn_tally.dead() > 0 {
+            self.prune_conns(now);
         }
+        let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
+        self.noticed_dead.retain(|id, _| pinned.contains(id));
+        self.reparented.retain(|id, _| live_holders.contains(id));
+    }
+
+    /// Drops the connections dead for longer than [`RETENTION`], or whose service no pinned
+    /// holder is in, with their sockets.
+    fn prune_conns(&mut self, now: Ns) {
         let keep: HashSet<String> = self.pins.values().map(|b| b.service.clone()).collect();
         let before = self.conns.len();
         let tally = &mut self.conn_tally;
@@ -866,14 +874,6 @@ impl Model {
             let conns = &self.conns;
             self.socks.retain(|_, k| conns.contains_key(k));
         }
-        self.prune_rest(live_holders);
-    }
-
-    /// The pruning after the connections': what no pinned root or live holder names.
-    fn prune_rest(&mut self, live_holders: &HashSet<ProcId>) {
-        let pinned: HashSet<ProcId> = self.pins.values().map(|b| b.root).collect();
-        self.noticed_dead.retain(|id, _| pinned.contains(id));
-        self.reparented.retain(|id, _| live_holders.contains(id));
     }
 }
 

@@ -402,8 +402,8 @@ fn attach_all(ebpf: &mut Ebpf, plan: preflight::Plan, lean: bool) -> Result<Atta
     // owner:io first, so that whether it attached decides owner:accept.
     let mut ready = plan.ready;
     ready.sort_by_key(|(c, _)| *c == Capability::OwnerAccept);
+    let has = |c: Capability, done: &Attached| done.attached.iter().any(|(a, _)| *a == c);
     for (cap, detail) in ready {
-        let has = |c: Capability, done: &Attached| done.attached.iter().any(|(a, _)| *a == c);
         let needs_tcp = matches!(cap, Capability::OwnerAccept | Capability::OwnerIo);
         if needs_tcp && !has(Capability::Tcp, &done) {
             done.missing
