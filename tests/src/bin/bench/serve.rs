@@ -88,11 +88,18 @@ impl Watching {
     }
 }
 
-/// What an observer cost over one round: its CPU seconds, its programs' kernel time, and
-/// the requests served while it watched.
+/// What an observer cost over one round: its CPU seconds, and the requests served while it
+/// watched.
 struct Cost {
     observer: Observer,
     cpu: f64,
+    requests: f64,
+}
+
+/// An observer's programs over one round with the kernel's BPF statistics on: name, run
+/// time (ns) and runs of each, and the requests served meanwhile.
+struct Programs {
+    observer: Observer,
     programs: Vec<(String, u64, u64)>,
     requests: f64,
 }
@@ -132,7 +139,7 @@ struct Rounds {
     cost: Vec<Cost>,
     machine: Vec<Machine>,
     /// The alternation with the kernel's BPF statistics on: its programs' run time only.
-    kernel: Vec<Cost>,
+    kernel: Vec<Programs>,
 }
 
 impl Rounds {
@@ -238,18 +245,19 @@ pub fn run(opts: &Opts, rep: &mut Report) {
             for &o in &order {
                 let w = watch(o);
                 std::thread::sleep(Duration::from_millis(500));
-                let before = w
+                let cpu0 = w.as_ref().map(|w| cpu_seconds(w.pid()));
+                let k0 = w
                     .as_ref()
-                    .map(|w| (cpu_seconds(w.pid()), kstats::sample(w.pid())));
+                    .filter(|_| stats_round)
+                    .map(|w| kstats::sample(w.pid()));
                 let (busy0, idle0) = machine_seconds();
                 let got = wrk(&url, secs, extra);
                 let (busy1, idle1) = machine_seconds();
                 if stats_round {
                     if let Some(w) = w {
-                        if let (Some((_, k0)), Some(got)) = (&before, &got) {
-                            r.kernel.push(Cost {
+                        if let (Some(k0), Some(got)) = (&k0, &got) {
+                            r.kernel.push(Programs {
                                 observer: o,
-                                cpu: 0.0,
                                 programs: kstats::delta(k0, &kstats::sample(w.pid())),
                                 requests: got.0 * secs as f64,
                             });
@@ -266,12 +274,11 @@ pub fn run(opts: &Opts, rep: &mut Report) {
                         requests: got.0 * secs as f64,
                     });
                 }
-                if let (Some(w), Some((cpu0, _))) = (w, before) {
+                if let (Some(w), Some(cpu0)) = (w, cpu0) {
                     if let Some(got) = &got {
                         r.cost.push(Cost {
                             observer: o,
                             cpu: cpu_seconds(w.pid()) - cpu0,
-                            programs: Vec::new(),
                             requests: got.0 * secs as f64,
                         });
                     }
