@@ -175,8 +175,14 @@ fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
 
     kill(server.pid());
     d.wait_log("ledger write failed", WAIT);
-    let s = status_of(&gpu);
-    let why = s["ledger_error"].as_str().unwrap();
+    // The executor logs the failure before the engine takes its result back: status says
+    // so a moment later.
+    let mut s = status_of(&gpu);
+    wait_until("status names the ledger error", || {
+        s = status_of(&gpu);
+        s["ledger_error"].as_str().is_some_and(|e| !e.is_empty())
+    });
+    let why = s["ledger_error"].as_str().unwrap_or_default();
     assert!(why.contains("full"), "{s}");
     // Invariant 3: not recorded, so not done; a few sweeps later, still not done.
     std::thread::sleep(Duration::from_secs(1));
@@ -220,7 +226,10 @@ fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
     let r = wait_for_record(&ledger, worker, WAIT);
     assert_eq!(r.outcome, Outcome::Reclaimed, "{r:#?}");
     assert!(!alive(worker));
-    assert_eq!(status_of(&gpu)["ledger_error"], "");
+    // The record is written before the engine hears of it: the error clears a moment later.
+    wait_until("status clears the ledger error", || {
+        status_of(&gpu)["ledger_error"] == ""
+    });
     d.stop();
     let _ = server.finish();
     drop(disk);
