@@ -223,6 +223,10 @@ pub struct KernelOffsets {
     /// Offset of `sock.sk_err`, read when a socket enters CLOSE: ETIMEDOUT there means the
     /// kernel gave up on a peer that stopped answering (keepalive or user timeout). 0: unknown.
     pub sock_sk_err: u32,
+    /// Offset of `sock.__sk_common.skc_num`, the local port: the I/O programs skip sockets
+    /// on unwatched ports with it before their map lookup. 0: unknown (every TCP socket's
+    /// I/O is looked up).
+    pub sock_num: u32,
 }
 
 /// How the exit program knows that the exiting thread was its process's last
@@ -273,6 +277,8 @@ pub mod layout {
 
     /// `sk` in `sock/sock_{send,recv}_length` (Linux >= 6.3).
     pub const SOCK_LENGTH_SK: u32 = 8;
+    /// `protocol` in `sock/sock_{send,recv}_length`.
+    pub const SOCK_LENGTH_PROTOCOL: u32 = 18;
     /// `ret` in `syscalls/sys_exit_*`.
     pub const SYS_EXIT_RET: u32 = 16;
 }
@@ -428,6 +434,7 @@ impl KernelOffsets {
             exit_filter: exit_filter::NONE,
             exit_group_dead: 0,
             sock_sk_err: 0,
+            sock_num: 0,
         }
     }
 }
@@ -473,7 +480,7 @@ mod pod {
 // Layouts are ABI between kernel and user space: catch accidental changes at compile time.
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
 
 #[cfg(test)]
 mod tests {

@@ -10,8 +10,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -21,7 +21,7 @@ use aya_log_ebpf::debug;
 use reclaimd_common::{
     AF_INET, AF_INET6, COMM_LEN, Event, EventKind, IPPROTO_TCP, KernelOffsets, OwnerSource,
     ProbeSettings, SockInfo, TcpState, exit_filter,
-    layout::{SOCK_LENGTH_SK, SYS_EXIT_RET, set_state},
+    layout::{SOCK_LENGTH_PROTOCOL, SOCK_LENGTH_SK, SYS_EXIT_RET, set_state},
     ports, report, tcp_state,
 };
 
@@ -169,9 +169,12 @@ fn emit(ev: &Event, wake: Wake) {
     }
 }
 
+/// The current task's name, written into `comm` by the helper itself (which zeroes it on
+/// failure): no buffer to clear first.
 #[inline(always)]
-fn current_comm() -> [u8; COMM_LEN] {
-    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+fn current_comm_into(comm: &mut [u8; COMM_LEN]) {
+    // SAFETY: the helper writes at most COMM_LEN bytes into the buffer it is given.
+    unsafe { generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32) };
 }
 
 #[inline(always)]
@@ -218,7 +221,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
     ev.tgid = tgid;
     ev.ppid = ppid;
     ev.start_ns = parent_start;
-    ev.comm = current_comm();
+    current_comm_into(&mut ev.comm);
     // At once: user space reads a parent's name from /proc at its first fork (set after
     // exec, by prctl), which a parent killed a moment later would take with it.
     emit(&ev, Wake::Urgent);
@@ -298,7 +301,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     ev.pid = pid;
     ev.tgid = tgid;
     ev.exit_code = exit_code;
-    ev.comm = current_comm();
+    current_comm_into(&mut ev.comm);
     emit(&ev, Wake::Urgent);
     Ok(())
 }
@@ -309,6 +312,13 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
     0
+}
+
+/// Whether sockets on local port `port` are reported (`WATCHED_PORTS`).
+#[inline(always)]
+fn watched_port(port: u16) -> bool {
+    let (word, bit) = ports::slot(port);
+    WATCHED_PORTS.get(word).copied().unwrap_or(0) & bit != 0
 }
 
 /// A state change of a socket on a watched port, as the record gives it.
@@ -327,8 +337,7 @@ fn watched_change(ctx: &TracePointContext) -> Option<Change> {
         return None;
     }
     let sport: u16 = field(ctx, SPORT);
-    let (word, bit) = ports::slot(sport);
-    if WATCHED_PORTS.get(word).copied().unwrap_or(0) & bit == 0 {
+    if !watched_port(sport) {
         return None;
     }
     Some(Change {
@@ -400,7 +409,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let (_, tgid) = current_ids();
         if info.owner_tgid != tgid {
             info.owner_tgid = tgid;
-            info.owner_comm = current_comm();
+            current_comm_into(&mut info.owner_comm);
         }
     }
     let open = |s: u8| TcpState::from_raw(s).is_open();
@@ -414,7 +423,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         emit(&change_event(&change, info, closed), wake);
     }
     if closed {
-        let _ = BOUND.remove(change.sk);
+        // A lookup takes no lock; a removal locks the bucket even for a key it lacks, and
+        // hardly any socket is bound.
+        // SAFETY: as above.
+        if unsafe { BOUND.get(change.sk) }.is_some() {
+            let _ = BOUND.remove(change.sk);
+        }
         let _ = SOCKS.remove(change.sk);
     } else if known.is_none() {
         let _ = SOCKS.insert(change.sk, *info, 0);
@@ -465,7 +479,7 @@ fn set_owner(sk: u64, source: OwnerSource, fd: i32) {
         return;
     }
     info.owner_tgid = tgid;
-    info.owner_comm = current_comm();
+    current_comm_into(&mut info.owner_comm);
     let mut ev = Event::zeroed();
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::Owner as u8;
@@ -527,15 +541,38 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Names the owner of a watched socket from its I/O. Every send and receive of the host
+/// runs this: only TCP sockets on a watched local port reach the `SOCKS` lookup, so the
+/// host's other sockets (a client's ephemeral port, a Unix socket) cost a field test and a
+/// two-byte read instead of a hash lookup that misses.
+#[inline(always)]
+fn io_owner(ctx: &TracePointContext) {
+    if field::<u16>(ctx, SOCK_LENGTH_PROTOCOL) != IPPROTO_TCP {
+        return;
+    }
+    let sk: u64 = field(ctx, SOCK_LENGTH_SK);
+    let off = offsets();
+    if off.valid != 0 && off.sock_num != 0 {
+        // `skc_num`: the local port, the record's sport in inet_sock_set_state. Unreadable,
+        // the lookup decides.
+        if let Ok(port) = read::<u16>(sk as *const u8, off.sock_num)
+            && !watched_port(port)
+        {
+            return;
+        }
+    }
+    set_owner(sk, OwnerSource::Io, -1);
+}
+
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    set_owner(field(&ctx, SOCK_LENGTH_SK), OwnerSource::Io, -1);
+    io_owner(&ctx);
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    set_owner(field(&ctx, SOCK_LENGTH_SK), OwnerSource::Io, -1);
+    io_owner(&ctx);
     0
 }
 

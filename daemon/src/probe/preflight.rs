@@ -155,6 +155,7 @@ impl Format {
 
 /// What this kernel offers each capability: the structure offsets for the programs, and per
 /// capability either how it will run (a detail, often empty) or why it cannot.
+#[derive(Debug)]
 pub struct Plan {
     pub offsets: KernelOffsets,
     pub ready: Vec<(Capability, String)>,
@@ -179,7 +180,9 @@ pub fn plan(tracefs: &Path, btf: &Btf, filter: ExitFilter) -> Plan {
             Capability::OwnerAccept => {
                 after_tcp(&plan).and_then(|()| accept(tracefs, btf, &mut plan.offsets))
             }
-            Capability::OwnerIo => after_tcp(&plan).and_then(|()| io(tracefs)),
+            Capability::OwnerIo => {
+                after_tcp(&plan).and_then(|()| io(tracefs, btf, &mut plan.offsets))
+            }
         };
         match checked {
             Ok(detail) => plan.ready.push((cap, detail)),
@@ -315,7 +318,7 @@ fn accept(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, St
     Ok(String::new())
 }
 
-fn io(tracefs: &Path) -> Result<String, String> {
+fn io(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String> {
     for name in ["sock_send_length", "sock_recv_length"] {
         Format::read(
             tracefs,
@@ -323,10 +326,27 @@ fn io(tracefs: &Path) -> Result<String, String> {
             name,
             "learning socket owners from their I/O (added in Linux 6.3)",
         )
-        .and_then(|f| f.expect("sock/sock_{send,recv}_length", "sk", layout::SOCK_LENGTH_SK))
+        .and_then(|f| {
+            f.expect("sock/sock_{send,recv}_length", "sk", layout::SOCK_LENGTH_SK)?;
+            f.expect(
+                "sock/sock_{send,recv}_length",
+                "protocol",
+                layout::SOCK_LENGTH_PROTOCOL,
+            )
+        })
         .map_err(text)?;
     }
-    Ok(String::new())
+    // The local port, so that the host's other sockets' I/O skips the map lookup; without
+    // it the capability still works, at a lookup per send and receive.
+    let common = btf.member_offset("sock", "__sk_common").map_err(text);
+    let num = btf.member_offset("sock_common", "skc_num").map_err(text);
+    Ok(match common.and_then(|c| Ok(c + num?)) {
+        Ok(at) => {
+            o.sock_num = at;
+            String::new()
+        }
+        Err(e) => format!("every TCP send and receive looked up ({e})"),
+    })
 }
 
 #[cfg(test)]
@@ -352,5 +372,27 @@ mod tests {
             f.expect("t", "skaddr", 16),
             Err(ProbeError::TracepointLayout { found: Some(8), .. })
         ));
+    }
+
+    #[test]
+    fn this_kernels_plan_gives_the_io_programs_the_local_port() {
+        // The kernel's socket: `skc_num` follows `skc_dport` in `skc_portpair`, and struct
+        // sock begins with its `sock_common`.
+        let btf = Btf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let Ok(tracefs) = tracefs_root() else {
+            eprintln!("skipped: no tracefs");
+            return;
+        };
+        let plan = plan(&tracefs, &btf, ExitFilter::Auto);
+        let dport = btf.member_offset("sock_common", "skc_dport").unwrap();
+        let io = plan.ready.iter().find(|(c, _)| *c == Capability::OwnerIo);
+        match io {
+            Some((_, detail)) => {
+                assert_eq!(detail, "", "{plan:?}");
+                assert_eq!(plan.offsets.sock_num, dport + 2, "{plan:?}");
+            }
+            // Before Linux 6.3 the I/O tracepoints do not exist.
+            None => assert_eq!(plan.offsets.sock_num, 0),
+        }
     }
 }
