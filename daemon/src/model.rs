@@ -84,6 +84,20 @@ pub struct Conn {
     pub death: Option<Death>,
 }
 
+impl Conn {
+    /// Records the connection's death, counted in `tally`, unless it died already (a later
+    /// closing move is no second death). Every death goes through here, so the tally the
+    /// gauges and pruning read cannot miss one. Returns whether this was its death.
+    fn die(&mut self, tally: &mut ConnTally, at: Ns, cause: impl FnOnce() -> String) -> bool {
+        if self.death.is_some() {
+            return false;
+        }
+        tally.died(&self.service);
+        self.death = Some(Death { at, cause: cause() });
+        true
+    }
+}
+
 /// A holder's process-session binding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Binding {
@@ -501,15 +515,10 @@ impl Model {
             conn.owner_tgid = owner;
         }
         self.socks.insert(sock, key);
-        if conn.death.is_none() && !new.is_open() {
-            self.conn_tally.died(&conn.service);
-            conn.death = Some(Death {
-                at: ts,
-                cause: close_cause(new, error, heartbeat),
-            });
-            return true;
-        }
-        false
+        !new.is_open()
+            && conn.die(&mut self.conn_tally, ts, || {
+                close_cause(new, error, heartbeat)
+            })
     }
 
     /// Records a connection found in /proc/net/tcp (at start-up or resync).
@@ -530,11 +539,9 @@ impl Model {
                 death: None,
             }
         });
-        if dead && conn.death.is_none() {
-            self.conn_tally.died(&conn.service);
-            conn.death = Some(Death {
-                at: now,
-                cause: format!("found {}", state.name()),
+        if dead {
+            conn.die(&mut self.conn_tally, now, || {
+                format!("found {}", state.name())
             });
         }
     }
@@ -548,10 +555,8 @@ impl Model {
             .values_mut()
             .filter(|c| c.death.is_none() && c.opened_at < scan_start && !present.contains(&c.key))
         {
-            self.conn_tally.died(&c.service);
-            c.death = Some(Death {
-                at: scan_start,
-                cause: "connection gone (closing events lost)".to_owned(),
+            c.die(&mut self.conn_tally, scan_start, || {
+                "connection gone (closing events lost)".to_owned()
             });
         }
     }

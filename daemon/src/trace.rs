@@ -8,7 +8,7 @@ use std::{
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::probe::{Probe, ProbeOptions, Received};
+use crate::probe::{Capability, Probe, ProbeOptions, Received};
 
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
@@ -116,6 +116,13 @@ fn closed_or(e: io::Error) -> Result<(), TraceError> {
     }
 }
 
+/// Capabilities with their detail or reason, as a JSON object keyed by capability name.
+fn by_name(list: &[(Capability, String)]) -> serde_json::Map<String, serde_json::Value> {
+    list.iter()
+        .map(|(c, text)| (c.name().to_owned(), json!(text)))
+        .collect()
+}
+
 struct Output<'a> {
     json: bool,
     stdout: io::StdoutLock<'a>,
@@ -125,24 +132,11 @@ impl Output<'_> {
     /// The first line: what is attached and what this kernel cannot show.
     fn ready(&mut self, opts: &ProbeOptions, probe: &Probe) -> io::Result<()> {
         if self.json {
-            let attached: serde_json::Map<String, serde_json::Value> = probe
-                .attached()
-                .iter()
-                .map(|(c, detail)| (c.name().to_owned(), json!(detail)))
-                .collect();
-            let missing: serde_json::Map<String, serde_json::Value> = probe
-                .missing()
-                .iter()
-                .map(|(c, why)| (c.name().to_owned(), json!(why)))
-                .collect();
-            let spared: serde_json::Map<String, serde_json::Value> = probe
-                .spared()
-                .iter()
-                .map(|(c, why)| (c.name().to_owned(), json!(why)))
-                .collect();
             let v = json!({ "kind": "ready", "ports": opts.watched_ports,
-                            "ring_bytes": opts.ring_bytes, "capabilities": attached,
-                            "missing": missing, "spared": spared });
+                            "ring_bytes": opts.ring_bytes,
+                            "capabilities": by_name(probe.attached()),
+                            "missing": by_name(probe.missing()),
+                            "spared": by_name(probe.spared()) });
             writeln!(self.stdout, "{v}")?;
         } else {
             for (c, why) in probe.missing() {

@@ -177,7 +177,7 @@ fn a_full_ledger_disk_stops_action_says_so_and_resumes_when_space_is_back() {
     d.wait_log("ledger write failed", WAIT);
     // The executor logs the failure before the engine takes its result back: status says
     // so a moment later.
-    let mut s = status_of(&gpu);
+    let mut s = serde_json::Value::Null;
     wait_until("status names the ledger error", || {
         s = status_of(&gpu);
         s["ledger_error"].as_str().is_some_and(|e| !e.is_empty())

@@ -268,12 +268,21 @@ fn optional_offset(
     slot: &mut u32,
     without: impl FnOnce(String) -> String,
 ) -> String {
-    match btf.member_offset(ty, member) {
+    optional(btf.member_offset(ty, member).map_err(text), slot, without)
+}
+
+/// As [`optional_offset`], for an offset already looked up (or summed from several).
+fn optional(
+    found: Result<u32, String>,
+    slot: &mut u32,
+    without: impl FnOnce(String) -> String,
+) -> String {
+    match found {
         Ok(at) => {
             *slot = at;
             String::new()
         }
-        Err(e) => without(e.to_string()),
+        Err(e) => without(e),
     }
 }
 
@@ -338,15 +347,12 @@ fn io(tracefs: &Path, btf: &Btf, o: &mut KernelOffsets) -> Result<String, String
     }
     // The local port, so that the host's other sockets' I/O skips the map lookup; without
     // it the capability still works, at a lookup per send and receive.
-    let common = btf.member_offset("sock", "__sk_common").map_err(text);
-    let num = btf.member_offset("sock_common", "skc_num").map_err(text);
-    Ok(match common.and_then(|c| Ok(c + num?)) {
-        Ok(at) => {
-            o.sock_num = at;
-            String::new()
-        }
-        Err(e) => format!("every TCP send and receive looked up ({e})"),
-    })
+    let num = btf
+        .member_offset("sock", "__sk_common")
+        .and_then(|common| Ok(common + btf.member_offset("sock_common", "skc_num")?));
+    Ok(optional(num.map_err(text), &mut o.sock_num, |e| {
+        format!("every TCP send and receive looked up ({e})")
+    }))
 }
 
 #[cfg(test)]
