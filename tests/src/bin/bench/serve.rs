@@ -131,11 +131,18 @@ fn machine_seconds() -> (f64, f64) {
     (busy as f64 / hz, (at(3) + at(4)) as f64 / hz)
 }
 
+/// One measured round: its alternation, who watched, and wrk's requests/s, p50 and p99.
+struct Result {
+    alternation: usize,
+    observer: Observer,
+    wrk: (f64, f64, f64),
+}
+
 /// The rounds of one request kind: wrk's results, what each observer cost, and the
 /// machine's CPU.
 #[derive(Default)]
 struct Rounds {
-    results: Vec<(Observer, (f64, f64, f64))>,
+    results: Vec<Result>,
     cost: Vec<Cost>,
     machine: Vec<Machine>,
     /// The alternation with the kernel's BPF statistics on: its programs' run time only.
@@ -146,8 +153,26 @@ impl Rounds {
     fn of(&self, o: Observer) -> Vec<(f64, f64, f64)> {
         self.results
             .iter()
-            .filter(|(w, _)| *w == o)
-            .map(|(_, r)| *r)
+            .filter(|r| r.observer == o)
+            .map(|r| r.wrk)
+            .collect()
+    }
+
+    /// The observer's requests/s over nobody's, per alternation that has both: each round
+    /// against the off round next to it, so that the machine's drift over minutes (off
+    /// rounds alone wander by ±10 % here) cancels instead of adding to the difference.
+    fn paired(&self, o: Observer) -> Vec<f64> {
+        let rps = |alternation: usize, o: Observer| {
+            self.results
+                .iter()
+                .find(|r| r.alternation == alternation && r.observer == o)
+                .map(|r| r.wrk.0)
+        };
+        let mut alternations: Vec<usize> = self.results.iter().map(|r| r.alternation).collect();
+        alternations.dedup();
+        alternations
+            .into_iter()
+            .filter_map(|a| Some(rps(a, o)? / rps(a, Observer::Nobody)?))
             .collect()
     }
 
@@ -195,9 +220,11 @@ impl Rounds {
 }
 
 pub fn run(opts: &Opts, rep: &mut Report) {
-    // Five alternations, not three: on this 2-core machine nobody-watching rounds alone
-    // range over ±10 %, more than the effect measured.
-    let (rounds, secs) = if opts.quick { (1, 3) } else { (5, 10) };
+    // Many short alternations rather than a few long ones: on this 2-core machine the
+    // nobody-watching rounds wander by ±10 % over minutes (as much in 6 s rounds as in 2 s
+    // ones), more than the effect measured; each alternation's ratio cancels that drift,
+    // and twelve of them give the mean a 95 % interval of about ±2 %.
+    let (rounds, secs) = if opts.quick { (1, 3) } else { (12, 4) };
     rep.heading("Overhead on a served workload (HTTP under wrk)");
     if Command::new("wrk").arg("--version").output().is_err() {
         rep.line("wrk not found (apt-get install wrk): skipped.\n");
@@ -290,7 +317,11 @@ pub fn run(opts: &Opts, rep: &mut Report) {
                 };
                 eprintln!("bench: http {label} {}: {:.0} req/s", o.name(), got.0);
                 rep.value(&format!("http_rps {label} {}", o.name()), got.0);
-                r.results.push((o, got));
+                r.results.push(Result {
+                    alternation: round,
+                    observer: o,
+                    wrk: got,
+                });
             }
         }
         table.push((label, r));
@@ -304,7 +335,9 @@ pub fn run(opts: &Opts, rep: &mut Report) {
          (`-L PORT`, the peer that also sees every connection), the order turned by one each \
          alternation, after an unmeasured 3 s warm-up round. Mean of the rounds; latency \
          is wrk's, mean of its per-round percentiles. wrk, the server and the observer share \
-         the machine's cores.\n"
+         the machine's cores. The ratio is the mean over the alternations of each round's \
+         requests/s against the off round of the same alternation, with its 95 % interval \
+         (Student's t); the ratio of the means is beside it.\n"
     ));
     rep.line("| requests | observer | req/s | latency p50 | latency p99 | rounds |\n|---|---|---|---|---|---|");
     let mean = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
@@ -326,11 +359,18 @@ pub fn run(opts: &Opts, rep: &mut Report) {
         }
         let off = mean(&r.of(Observer::Nobody), |r| r.0);
         for &o in observers.iter().skip(1) {
+            let paired = r.paired(o);
+            let (m, half) = mean_interval(&paired);
             ratios.push(format!(
-                "{label}: {}/off req/s {}",
+                "{label}: {}/off req/s {}× ± {} ({} alternations; ratio of the means {})",
                 o.name(),
+                fmt(m),
+                fmt(half),
+                paired.len(),
                 ratio(mean(&r.of(o), |r| r.0), off)
             ));
+            rep.value(&format!("http_ratio {label} {}", o.name()), m);
+            rep.value(&format!("http_ratio_interval {label} {}", o.name()), half);
             if let Some((busy, per_request)) = r.cost_of(o, secs) {
                 costs.push(format!(
                     "{label}, {}: {busy:.1} % of a core, {per_request:.1} µs per request",
@@ -355,6 +395,27 @@ pub fn run(opts: &Opts, rep: &mut Report) {
     ));
     machine_table(rep, &table, &observers);
     kernel_table(rep, &table, &observers);
+}
+
+/// The mean of `v` and the half-width of its 95 % interval (Student's t; 0 for one value).
+fn mean_interval(v: &[f64]) -> (f64, f64) {
+    // t(0.975, df) for df = 1..=30; the normal's 1.96 beyond.
+    const T95: [f64; 30] = [
+        12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = v.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let t = T95.get(n - 2).copied().unwrap_or(1.96);
+    (m, t * (var / n as f64).sqrt())
 }
 
 /// The whole machine's CPU per request and idle share under each observer: what a lower
@@ -409,4 +470,19 @@ fn kernel_table(rep: &mut Report, table: &[(&str, Rounds)], observers: &[Observe
         }
     }
     rep.line("");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_interval;
+
+    #[test]
+    fn the_interval_is_students_for_a_few_alternations_and_none_for_one() {
+        let (m, half) = mean_interval(&[0.9, 1.1]);
+        assert!((m - 1.0).abs() < 1e-12);
+        // sd 0.1414, n 2: 12.71 × 0.1414 / √2 = 1.271.
+        assert!((half - 1.271).abs() < 1e-3, "{half}");
+        assert_eq!(mean_interval(&[0.97]), (0.97, 0.0));
+        assert!(mean_interval(&[]).0.is_nan());
+    }
 }
