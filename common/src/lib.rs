@@ -21,6 +21,9 @@ pub mod names {
     /// One word: non-zero while the daemon's reader waits without a timer (it found the
     /// ring empty), so that batched events wake it too. Written by user space only.
     pub const READER: &str = "READER";
+    /// One word the I/O programs' per-CPU memory of sockets is valid under; user space
+    /// bumps it when it watches another port (a socket remembered as unwatched may be on it).
+    pub const IO_EPOCH: &str = "IO_EPOCH";
     /// A global (`.rodata`), not a map.
     pub const OFFSETS: &str = "OFFSETS";
     /// A global (`.rodata`), not a map.

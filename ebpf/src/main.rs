@@ -6,6 +6,11 @@
 //! `reclaimd_common::KernelOffsets`), so no CO-RE is needed.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
+// intrinsic with its result unused compiles to the atomic add every kernel's verifier
+// takes (built with RUSTC_BOOTSTRAP=1, as `-Z build-std` already requires).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     EbpfContext,
@@ -52,6 +57,30 @@ static BOUND: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
 /// empty): a batched event then wakes it, so an idle daemon needs no timer to be prompt.
 #[map]
 static READER: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Bumped whenever an I/O program's memory of a socket (`IO_SEEN`) may have become untrue:
+/// a watched socket is born (its address may be a freed socket's, remembered as unwatched
+/// or owned), a watched socket's owner changes, or user space watches another port.
+#[map]
+static IO_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// What the I/O programs last found for a socket on this CPU: not on a watched port
+/// (`watched` 0), or watched and owned by `owner` already. Valid while `IO_EPOCH` still reads `epoch`. It
+/// spares the sends and receives of an established connection (keep-alive: every request)
+/// the port read and the `SOCKS` lookup; direct-mapped by the socket's address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoSeen {
+    sk: u64,
+    epoch: u64,
+    owner: u32,
+    watched: u32,
+}
+
+const IO_SEEN_SLOTS: u32 = 256;
+
+#[map]
+static IO_SEEN: PerCpuArray<IoSeen> = PerCpuArray::with_max_entries(IO_SEEN_SLOTS, 0);
 
 /// A process across pid reuse: its tgid and its leader's start time.
 #[repr(C)]
@@ -384,6 +413,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     // A life starts (connect, listen, or a listener's new child): what `SOCKS` may hold at
     // this address is a freed socket's whose CLOSE went unseen, owner and all.
     let known = if tcp_state::starts_a_life(change.old_state, change.new_state) {
+        // What an I/O program remembers of this address is a freed socket's.
+        bump_io_epoch();
         None
     } else {
         SOCKS.get_ptr_mut(change.sk)
@@ -410,6 +441,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         if info.owner_tgid != tgid {
             info.owner_tgid = tgid;
             current_comm_into(&mut info.owner_comm);
+            bump_io_epoch();
         }
     }
     let open = |s: u8| TcpState::from_raw(s).is_open();
@@ -465,20 +497,47 @@ fn change_event(change: &Change, info: &SockInfo, closed: bool) -> Event {
     ev
 }
 
-/// Records `tgid` as the owner of a watched socket and reports the change.
+/// The I/O programs' epoch now (see `IO_EPOCH`).
 #[inline(always)]
-fn set_owner(sk: u64, source: OwnerSource, fd: i32) {
+fn io_epoch() -> u64 {
+    IO_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// Makes every CPU's `IO_SEEN` stale. Atomic: two bumps at once must not write the same
+/// value, or a memory taken between them would outlive the second.
+#[inline(always)]
+fn bump_io_epoch() {
+    if let Some(p) = IO_EPOCH.get_ptr_mut(0) {
+        use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+        // SAFETY: a map value, valid for this run and 8-aligned.
+        let _ = unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, 1) };
+    }
+}
+
+/// This CPU's `IO_SEEN` slot for `sk`.
+#[inline(always)]
+fn io_seen_slot(sk: u64) -> Option<*mut IoSeen> {
+    // Fibonacci hashing: slab addresses share their low bits.
+    let slot = (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u32 % IO_SEEN_SLOTS;
+    IO_SEEN.get_ptr_mut(slot)
+}
+
+/// Records `tgid` as the owner of a watched socket and reports the change. Returns whether
+/// the socket is watched (in `SOCKS`).
+#[inline(always)]
+fn set_owner(sk: u64, source: OwnerSource, fd: i32) -> bool {
     let Some(info) = SOCKS.get_ptr_mut(sk) else {
-        return; // not a watched socket
+        return false; // not a watched socket
     };
     let (pid, tgid) = current_ids();
     // SAFETY: map value pointer valid for this program run; races with another CPU only
     // overwrite the owner with another real owner.
     let info = unsafe { &mut *info };
     if info.owner_tgid == tgid {
-        return;
+        return true;
     }
     info.owner_tgid = tgid;
+    bump_io_epoch();
     current_comm_into(&mut info.owner_comm);
     let mut ev = Event::zeroed();
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
@@ -498,6 +557,7 @@ fn set_owner(sk: u64, source: OwnerSource, fd: i32) {
     ev.daddr = info.daddr;
     ev.comm = info.owner_comm;
     emit(&ev, Wake::Batched);
+    true
 }
 
 /// `accept` returned fd `ret` to the current process: find its `struct sock` through the fd
@@ -525,7 +585,7 @@ fn try_accept_exit<C: EbpfContext>(ctx: &C, ret: i64) -> Result<(), i64> {
     let file: *const u8 = read(fd_array, fd.wrapping_mul(8))?;
     let socket: *const u8 = read(file, off.file_private_data)?;
     let sk: u64 = read(socket, off.socket_sk)?;
-    set_owner(sk, OwnerSource::Accept, fd as i32);
+    let _ = set_owner(sk, OwnerSource::Accept, fd as i32);
     Ok(())
 }
 
@@ -544,24 +604,51 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// Names the owner of a watched socket from its I/O. Every send and receive of the host
 /// runs this: only TCP sockets on a watched local port reach the `SOCKS` lookup, so the
 /// host's other sockets (a client's ephemeral port, a Unix socket) cost a field test and a
-/// two-byte read instead of a hash lookup that misses.
+/// two-byte read instead of a hash lookup that misses; and a socket this CPU already found
+/// unwatched, or owned by the current process, costs neither (`IO_SEEN`).
 #[inline(always)]
 fn io_owner(ctx: &TracePointContext) {
     if field::<u16>(ctx, SOCK_LENGTH_PROTOCOL) != IPPROTO_TCP {
         return;
     }
     let sk: u64 = field(ctx, SOCK_LENGTH_SK);
+    let (_, tgid) = current_ids();
+    // Read before anything is looked at: a change after it makes what is remembered stale.
+    let epoch = io_epoch();
+    let Some(seen) = io_seen_slot(sk) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, valid for this run; a program runs to its end on its CPU.
+    let seen = unsafe { &mut *seen };
+    if seen.sk == sk && seen.epoch == epoch && (seen.watched == 0 || seen.owner == tgid) {
+        return;
+    }
     let off = offsets();
     if off.valid != 0 && off.sock_num != 0 {
-        // `skc_num`: the local port, the record's sport in inet_sock_set_state. Unreadable,
-        // the lookup decides.
+        // `skc_num`: the local port, the record's sport in inet_sock_set_state; fixed for
+        // the socket's life. Unreadable, the lookup decides.
         if let Ok(port) = read::<u16>(sk as *const u8, off.sock_num)
             && !watched_port(port)
         {
+            *seen = IoSeen {
+                sk,
+                epoch,
+                owner: 0,
+                watched: 0,
+            };
             return;
         }
     }
-    set_owner(sk, OwnerSource::Io, -1);
+    // A socket on a watched port missing from `SOCKS` (opened before the programs were
+    // loaded, or evicted) is not remembered: each of its I/O looks it up, as before.
+    if set_owner(sk, OwnerSource::Io, -1) {
+        *seen = IoSeen {
+            sk,
+            epoch,
+            owner: tgid,
+            watched: 1,
+        };
+    }
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]

@@ -2,7 +2,7 @@
 //! processes and sockets do. Root only; one test at a time.
 use std::{
     collections::HashSet,
-    io::Read,
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::Path,
     process::Command,
@@ -384,6 +384,54 @@ fn lifecycle_mode_reports_birth_owner_and_death_only(#[case] closer: Closer, #[c
         assert_eq!(o["source"], source, "{o}");
         assert_eq!(o["owner_tgid"], server, "{o}");
     }
+}
+
+/// The owner follows whoever sends or receives on the socket, each time it changes hands:
+/// the server reads, a forked child writes on the inherited socket, the server reads again.
+/// The I/O programs remember per CPU which process owns a socket, to spare an established
+/// connection's I/O the map lookup; a change of owner on any CPU must make every CPU's
+/// memory stale, or the server's second read, on the CPU of its first, would name nobody.
+#[test]
+fn the_owner_follows_the_io_when_a_socket_changes_hands() {
+    let port = free_port(false);
+    let mut tracer = Tracer::start(&["--lifecycle", "--port", &port.to_string()]);
+    if tracer.skip_without("owner:io") {
+        return;
+    }
+    let addr = format!("127.0.0.1:{port}");
+    let w = Workload::spawn(&workload(), &["serve", &addr, "handoff"]);
+    w.line("listening");
+    let mut client = TcpStream::connect(&addr).unwrap();
+    let cport = client.local_addr().unwrap().port();
+    w.line("accepted");
+    client.write_all(b"a").unwrap();
+    let mut byte = [0u8; 1];
+    client.read_exact(&mut byte).unwrap();
+    let child: u64 = w
+        .line("child")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("child pid");
+    client.write_all(b"c").unwrap();
+    w.line("read again");
+    drop(client);
+    w.line("closed");
+    let server = u64::from(w.pid());
+    tracer.expect("the server socket's death", WAIT, |v| {
+        is(v, "tcp") && v["sport"] == port && v["dport"] == cport && v["new_state"] == "CLOSE_WAIT"
+    });
+    let _ = w.finish();
+    // The owner records are batched: let the last ones in.
+    tracer.settle(Duration::from_millis(500));
+    let trace = tracer.stop();
+    let owners: Vec<u64> = trace
+        .events
+        .iter()
+        .filter(|v| is(v, "owner") && v["sport"] == port && v["dport"] == cport)
+        .map(|v| u64_of(v, "owner_tgid"))
+        .collect();
+    assert_eq!(owners, vec![server, child, server], "owners in order");
 }
 
 /// A reader that found the ring empty parks: it asks the kernel to wake it for any event,

@@ -620,12 +620,15 @@ fn lint(root: &Path) -> Result<()> {
     step("cargo clippy");
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate only builds for the bpf target; for the host it is checked with the
-    // panic strategy it has there, in a target dir of its own so flags do not collide.
+    // panic strategy and the unstable-feature switch it has there (RUSTC_BOOTSTRAP, set by
+    // the daemon's build script for `-Z build-std`: the programs use an atomic intrinsic),
+    // in a target dir of its own so flags do not collide.
     step("cargo clippy (eBPF crate)");
     run_cmd(
         cargo()
             .args(["clippy", "-p", "reclaimd-ebpf", "--", "-D", "warnings"])
             .env("RUSTFLAGS", "-C panic=abort")
+            .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_DIR", root.join("target/clippy-ebpf")),
     )
 }

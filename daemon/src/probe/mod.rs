@@ -112,6 +112,8 @@ pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     watched: Array<MapData, u64>,
+    /// The word the I/O programs' memory of sockets is valid under (`IO_EPOCH`).
+    io_epoch: Array<MapData, u64>,
     /// The kernel's `BOUND` map, and what user space last put in it.
     bound: HashMap<MapData, u64, u8>,
     bound_now: std::collections::HashSet<u64>,
@@ -182,6 +184,8 @@ impl Probe {
         for &port in &opts.watched_ports {
             watch(&mut watched, port)?;
         }
+        let io_epoch = Array::try_from(take_map(&mut ebpf, names::IO_EPOCH)?)
+            .map_err(map_error(names::IO_EPOCH))?;
         let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
             .map_err(map_error(names::DROPS))?;
         let bound = HashMap::try_from(take_map(&mut ebpf, names::BOUND)?)
@@ -214,6 +218,7 @@ impl Probe {
             ring,
             drops,
             watched,
+            io_epoch,
             bound,
             bound_now: Default::default(),
             batched: !opts.every_change,
@@ -322,9 +327,20 @@ impl Probe {
         self.malformed
     }
 
-    /// Starts reporting sockets on local `port`.
+    /// Starts reporting sockets on local `port`, and makes the I/O programs forget which
+    /// sockets they found unwatched: one of them may be on `port`.
     pub fn watch_port(&mut self, port: u16) -> Result<(), ProbeError> {
-        watch(&mut self.watched, port)
+        watch(&mut self.watched, port)?;
+        // Not atomic against the programs' own bumps, and need not be: a program's bump
+        // lost here happened after this read, so what was remembered under the value
+        // written was found after the port was watched.
+        let epoch = self
+            .io_epoch
+            .get(&0, 0)
+            .map_err(map_error(names::IO_EPOCH))?;
+        self.io_epoch
+            .set(0, epoch.wrapping_add(1), 0)
+            .map_err(map_error(names::IO_EPOCH))
     }
 }
 

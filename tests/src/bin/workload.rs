@@ -6,6 +6,16 @@ use std::{
     time::Duration,
 };
 
+/// Runs the calling thread on CPU `cpu` only, where the machine has it (else as before).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -318,8 +328,9 @@ fn main() {
             }
             let _ = out.flush();
         }
-        // serve ADDR peer|self: accept one connection; `peer` waits for the client to close
-        // first, `self` closes first and then waits for the client's close.
+        // serve ADDR peer|self|handoff: accept one connection; `peer` waits for the client to
+        // close first, `self` closes first and then waits for the client's close, `handoff`
+        // lets a child write on it between two reads (below).
         "serve" => {
             let addr: SocketAddr = arg(&args, 2, "address").parse().expect("address");
             let who = arg(&args, 3, "who closes");
@@ -337,7 +348,38 @@ fn main() {
                     drop(conn);
                 }
                 "self" => drop(conn),
-                other => panic!("who closes: peer or self, not {other}"),
+                // The connection changes hands and back: the server reads a byte, a forked
+                // child writes one on the inherited socket and exits, the server reads a
+                // second byte, then waits for the peer to close.
+                // The server stays on the first CPU and the child runs on the second (where
+                // there is one), so that the hand-over happens across CPUs.
+                "handoff" => {
+                    pin_to_cpu(0);
+                    let mut byte = [0u8; 1];
+                    conn.read_exact(&mut byte).expect("first byte");
+                    // SAFETY: single-threaded; the child writes a byte and ends.
+                    match unsafe { libc::fork() } {
+                        0 => {
+                            pin_to_cpu(1);
+                            let ok = conn.write_all(b"b").is_ok();
+                            // SAFETY: end the child without running the parent's exit handlers.
+                            unsafe { libc::_exit(i32::from(!ok)) };
+                        }
+                        child if child > 0 => {
+                            let mut status = 0;
+                            // SAFETY: waits for our own child.
+                            unsafe { libc::waitpid(child, &mut status, 0) };
+                            say(&format!("child {child} wrote"));
+                        }
+                        _ => panic!("fork: {}", std::io::Error::last_os_error()),
+                    }
+                    conn.read_exact(&mut byte).expect("second byte");
+                    say("read again");
+                    let mut buf = [0u8; 64];
+                    while conn.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                    drop(conn);
+                }
+                other => panic!("who closes: peer, self or handoff, not {other}"),
             }
             say("closed");
             // Stay until told, so the exit does not race the close in the test's view.
