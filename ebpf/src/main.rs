@@ -65,9 +65,10 @@ static READER: Array<u32> = Array::with_max_entries(1, 0);
 static IO_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// What the I/O programs last found for a socket on this CPU: not on a watched port
-/// (`watched` 0), or watched and owned by `owner` already. Valid while `IO_EPOCH` still reads `epoch`. It
-/// spares the sends and receives of an established connection (keep-alive: every request)
-/// the port read and the `SOCKS` lookup; direct-mapped by the socket's address.
+/// (`watched` 0), or watched and owned by `owner` already. Valid while `IO_EPOCH` still
+/// reads `epoch`. It spares the sends and receives of an established connection
+/// (keep-alive: every request) the port read and the `SOCKS` lookup; direct-mapped by the
+/// socket's address. It only names owners: holders are bound to sockets through their fds.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct IoSeen {
@@ -618,7 +619,8 @@ fn io_owner(ctx: &TracePointContext) {
     let Some(seen) = io_seen_slot(sk) else {
         return;
     };
-    // SAFETY: this CPU's slot, valid for this run; a program runs to its end on its CPU.
+    // SAFETY: this CPU's slot, valid for this run; no other program writes it meanwhile
+    // (tracepoint programs run with preemption off and are not nested on a CPU).
     let seen = unsafe { &mut *seen };
     if seen.sk == sk && seen.epoch == epoch && (seen.watched == 0 || seen.owner == tgid) {
         return;
