@@ -166,10 +166,15 @@ pub struct SockInfo {
     pub dport: u16,
     pub family: u8,
     pub state: u8,
-    pub _pad: [u8; 6],
+    /// Non-zero while the socket's birth (a listener's child established in softirq, no
+    /// owner known) waits to be reported with its owner, or with its death.
+    pub birth_pending: u8,
+    pub _pad: [u8; 5],
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub owner_comm: [u8; COMM_LEN],
+    /// When it became ESTABLISHED (`bpf_ktime_get_ns`), the time its birth record carries.
+    pub born_ns: u64,
 }
 
 impl SockInfo {
@@ -180,10 +185,12 @@ impl SockInfo {
             dport: 0,
             family: 0,
             state: 0,
-            _pad: [0; 6],
+            birth_pending: 0,
+            _pad: [0; 5],
             saddr: [0; 16],
             daddr: [0; 16],
             owner_comm: [0; COMM_LEN],
+            born_ns: 0,
         }
     }
 }
@@ -482,7 +489,7 @@ mod pod {
 
 // Layouts are ABI between kernel and user space: catch accidental changes at compile time.
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 72);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
 
 #[cfg(test)]

@@ -514,6 +514,10 @@ impl Model {
         if owner != 0 {
             conn.owner_tgid = owner;
         }
+        if conn.sock == 0 {
+            // Found in the socket table before its events named it.
+            conn.sock = sock;
+        }
         self.socks.insert(sock, key);
         !new.is_open()
             && conn.die(&mut self.conn_tally, ts, || {

@@ -191,17 +191,17 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<SocketAddr> {
 pub fn connections_of(proc_root: &Path, pid: u32, table: &HashMap<u64, TcpSocket>) -> Vec<ConnKey> {
     connections_held(&socket_fds(proc_root, pid), table)
         .into_iter()
-        .map(|(_, key)| key)
+        .map(|(_, sock)| sock.key)
         .collect()
 }
 
-/// The TCP connections of these socket fds, each with its fd.
+/// The TCP connections of these socket fds, each with its fd and its state.
 pub fn connections_held(
     fds: &[(u32, u64)],
     table: &HashMap<u64, TcpSocket>,
-) -> Vec<(u32, ConnKey)> {
+) -> Vec<(u32, TcpSocket)> {
     fds.iter()
-        .filter_map(|(fd, i)| Some((*fd, table.get(i)?.key.clone())))
+        .filter_map(|(fd, i)| Some((*fd, table.get(i)?.clone())))
         .collect()
 }
 

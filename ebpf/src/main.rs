@@ -430,6 +430,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             // its own (`inet_csk_clone_lock`).
             seen.owner_tgid = info.owner_tgid;
             seen.owner_comm = info.owner_comm;
+            seen.birth_pending = info.birth_pending;
+            seen.born_ns = info.born_ns;
             *info = seen;
             info
         }
@@ -449,11 +451,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let born = change.new_state == tcp_state::ESTABLISHED;
     let died = open(change.old_state) && !open(change.new_state);
     let closed = change.new_state == tcp_state::CLOSE;
-    if born || died || every_change() {
-        // SAFETY: the value is a plain u8, only tested for presence.
-        let bound = died && unsafe { BOUND.get(change.sk) }.is_some();
-        let wake = if bound { Wake::Urgent } else { Wake::Batched };
-        emit(&change_event(&change, info, closed), wake);
+    if every_change() {
+        emit(&change_event(&change, info, closed), Wake::Batched);
+    } else {
+        report_life(&change, info, born, died, closed);
     }
     if closed {
         // A lookup takes no lock; a removal locks the bucket even for a key it lacks, and
@@ -467,6 +468,48 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let _ = SOCKS.insert(change.sk, *info, 0);
     }
     Ok(())
+}
+
+/// What user space hears of a socket's life, as tcplife aggregates it: its birth with its
+/// owner, and its death. A listener's child is established in softirq, where its owner is
+/// unknown: its birth waits for the owner's accept or first I/O (`set_owner`), so a
+/// connection costs user space two records, not three (birth, owner, death); a death that
+/// comes first brings the waiting birth out before it.
+#[inline(always)]
+fn report_life(change: &Change, info: &mut SockInfo, born: bool, died: bool, closed: bool) {
+    if born {
+        info.born_ns = unsafe { bpf_ktime_get_ns() };
+        if info.owner_tgid == 0 {
+            info.birth_pending = 1;
+        } else {
+            emit(&change_event(change, info, closed), Wake::Batched);
+        }
+    }
+    if died {
+        if info.birth_pending != 0 {
+            info.birth_pending = 0;
+            emit(&birth_event(change.sk, info), Wake::Batched);
+        }
+        // SAFETY: the value is a plain u8, only tested for presence.
+        let bound = unsafe { BOUND.get(change.sk) }.is_some();
+        let wake = if bound { Wake::Urgent } else { Wake::Batched };
+        emit(&change_event(change, info, closed), wake);
+    }
+}
+
+/// The birth of a listener's child, reported after the fact: stamped with the moment it was
+/// established, naming the owner known now (0 when it dies first).
+#[inline(always)]
+fn birth_event(sk: u64, info: &SockInfo) -> Event {
+    let change = Change {
+        sk,
+        sport: info.sport,
+        old_state: tcp_state::SYN_RECV,
+        new_state: tcp_state::ESTABLISHED,
+    };
+    let mut ev = change_event(&change, info, false);
+    ev.ts_ns = info.born_ns;
+    ev
 }
 
 /// The record user space gets for a change of a watched socket.
@@ -540,6 +583,12 @@ fn set_owner(sk: u64, source: OwnerSource, fd: i32) -> bool {
     info.owner_tgid = tgid;
     bump_io_epoch();
     current_comm_into(&mut info.owner_comm);
+    if info.birth_pending != 0 {
+        // Its first owner: the birth user space was not told yet says it.
+        info.birth_pending = 0;
+        emit(&birth_event(sk, info), Wake::Batched);
+        return true;
+    }
     let mut ev = Event::zeroed();
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::Owner as u8;

@@ -41,6 +41,8 @@ pub struct Snapshot {
 pub struct HeldFd {
     pub pid: u32,
     pub fd: u32,
+    /// The socket's state, as the socket table listed it.
+    pub state: TcpState,
 }
 
 /// What applying a snapshot asks for, and when to reconcile next.
@@ -130,6 +132,16 @@ impl Engine {
             }
             let present: HashSet<&ConnKey> = table.iter().map(|sock| &sock.key).collect();
             self.model.observe_conns_gone(&present, s.started);
+        }
+        // A holder's open connection the events have not named yet (a listener's child is
+        // reported with its owner, at its first accept or I/O; or its record is still in
+        // the ring): known from the socket table, so that the holder is bound to it, live,
+        // and not to its dead neighbours alone. Only open ones: a listener is no session,
+        // and a death is the events' or the full scan's to tell.
+        for (key, h) in &s.held {
+            if h.state.is_open() && self.model.conn(key).is_none() {
+                self.model.observe_conn(key.clone(), h.state, now.mono);
+            }
         }
     }
 

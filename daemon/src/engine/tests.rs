@@ -3,11 +3,14 @@
 //! holds 1 GiB on GPU-a.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use reclaimd_common::TcpState;
+
 use super::*;
 use crate::{
     clock::Now,
     event::{ExitStatus, KernelEvent},
     gpu::{Device, GpuMemory, Holder, HolderStatus, Inventory, NvmlStatus, ProcessKind},
+    model::ConnKey,
     reconcile::VerdictKind,
     record::{Action, Outcome},
 };
@@ -516,4 +519,108 @@ fn the_pure_core_names_no_edge() {
         "the core names an edge:\n{}",
         found.join("\n")
     );
+}
+
+/// A connection-scoped `api` service on port 9000, grace 0 s: an orphan is ordered at once.
+fn connection_engine() -> Engine {
+    let cfg = Config::parse(
+        "[policy]\ngrace = \"0s\"\n\n[[service]]\nname = \"api\"\nports = [9000]\n\
+         scope = \"connection\"\nmatch = { comm = [\"api-server\"] }\n",
+        "engine test",
+    )
+    .unwrap();
+    Engine::new(Arc::new(cfg), Vec::new())
+}
+
+fn conn(cport: u16) -> ConnKey {
+    ConnKey {
+        local: "127.0.0.1:9000".parse().unwrap(),
+        remote: format!("127.0.0.1:{cport}").parse().unwrap(),
+    }
+}
+
+/// A change of the server socket of the connection from `cport`, as the kernel reports it.
+fn change(cport: u16, old: TcpState, new: TcpState, secs: f64) -> KernelEvent {
+    use crate::event::{Endpoint, Socket};
+    let key = conn(cport);
+    KernelEvent::Tcp {
+        ts_ns: at(secs).mono,
+        socket: Socket {
+            sock: u64::from(cport),
+            local: Endpoint {
+                addr: key.local.ip(),
+                port: key.local.port(),
+            },
+            remote: Endpoint {
+                addr: key.remote.ip(),
+                port: key.remote.port(),
+            },
+        },
+        old_state: old,
+        new_state: new,
+        owner_tgid: SERVER.pid,
+        owner_comm: "api-server".into(),
+        error: 0,
+    }
+}
+
+/// The worker holding the sockets of these connections, in the states the table gave.
+fn holding_conns(now: Now, held: &[(u16, TcpState)]) -> Snapshot {
+    let mut s = snapshot(
+        now,
+        vec![
+            facts(SERVER, 1, "api-server"),
+            facts(WORKER, SERVER.pid, "worker"),
+        ],
+        true,
+    );
+    s.conns
+        .insert(WORKER.pid, held.iter().map(|(p, _)| conn(*p)).collect());
+    s.held = held
+        .iter()
+        .enumerate()
+        .map(|(fd, (p, state))| {
+            let h = HeldFd {
+                pid: WORKER.pid,
+                fd: fd as u32 + 3,
+                state: *state,
+            };
+            (conn(*p), h)
+        })
+        .collect();
+    s
+}
+
+/// A listener's child is reported with its owner (its first accept or I/O), so a holder
+/// may hold a live connection the events have not named yet beside one they saw die: the
+/// socket table's word for it binds the holder to it, and the holder lives.
+#[test]
+fn a_live_connection_the_events_have_not_named_yet_keeps_its_holder() {
+    use TcpState::{CloseWait, Established, SynRecv};
+
+    for (unnamed, want) in [
+        (Some(Established), VerdictKind::Live),
+        (None, VerdictKind::Orphan),
+    ] {
+        let mut e = connection_engine();
+        let mut table = Table::default();
+        e.on_event(
+            &change(6000, SynRecv, Established, 1.0),
+            &mut table,
+            at(1.0).mono,
+        );
+        e.on_event(
+            &change(6000, Established, CloseWait, 2.0),
+            &mut table,
+            at(2.0).mono,
+        );
+        let mut held = vec![(6000, CloseWait)];
+        held.extend(unnamed.map(|state| (6001, state)));
+        let r = e.on_snapshot(&holding_conns(at(3.0), &held), at(3.0), 8);
+        assert_eq!(
+            verdicts(&r.effects),
+            [(WORKER.pid, want)],
+            "holding also an unnamed connection: {unnamed:?}"
+        );
+    }
 }

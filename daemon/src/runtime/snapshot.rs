@@ -48,11 +48,14 @@ pub fn take(mut gpu: GpuInventory, full: bool, proc_root: PathBuf, ports: &[u16]
         .iter()
         .map(|(pid, fds)| {
             let found = scan::connections_held(fds, &table);
-            for (fd, key) in &found {
-                held.entry(key.clone())
-                    .or_insert(HeldFd { pid: *pid, fd: *fd });
+            for (fd, sock) in &found {
+                held.entry(sock.key.clone()).or_insert(HeldFd {
+                    pid: *pid,
+                    fd: *fd,
+                    state: sock.state,
+                });
             }
-            (*pid, found.into_iter().map(|(_, key)| key).collect())
+            (*pid, found.into_iter().map(|(_, sock)| sock.key).collect())
         })
         .collect();
     let holder_facts = live
