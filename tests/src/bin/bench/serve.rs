@@ -132,7 +132,7 @@ fn machine_seconds() -> (f64, f64) {
 }
 
 /// One measured round: its alternation, who watched, and wrk's requests/s, p50 and p99.
-struct Result {
+struct Round {
     alternation: usize,
     observer: Observer,
     wrk: (f64, f64, f64),
@@ -142,7 +142,7 @@ struct Result {
 /// machine's CPU.
 #[derive(Default)]
 struct Rounds {
-    results: Vec<Result>,
+    results: Vec<Round>,
     cost: Vec<Cost>,
     machine: Vec<Machine>,
     /// The alternation with the kernel's BPF statistics on: its programs' run time only.
@@ -317,7 +317,7 @@ pub fn run(opts: &Opts, rep: &mut Report) {
                 };
                 eprintln!("bench: http {label} {}: {:.0} req/s", o.name(), got.0);
                 rep.value(&format!("http_rps {label} {}", o.name()), got.0);
-                r.results.push(Result {
+                r.results.push(Round {
                     alternation: round,
                     observer: o,
                     wrk: got,
